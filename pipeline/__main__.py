@@ -1,0 +1,171 @@
+"""Command line: python -m pipeline {train,generate,eval,prepare,compare} ...
+
+    python -m pipeline train --config configs/jaychou.yaml train.max_steps=40
+    torchrun --standalone --nproc_per_node=2 -m pipeline train --config configs/jaychou.yaml
+    python -m pipeline generate --checkpoint runs/jaychou/checkpoints/last.pt --prefix 分开
+    python -m pipeline eval --checkpoint runs/jaychou/checkpoints/best.pt --split validation
+    python -m pipeline prepare --config configs/songci.yaml
+    python -m pipeline compare runs/a runs/b --plot compare.png
+
+Problems with the input (config keys, data files, checkpoints, prefixes) print one clear
+line and exit with status 2; a preempted run exits with 75 after saving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _user_errors():
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .corpus import DataError
+    from .generate import PrefixError
+    from .vocab import VocabError
+
+    return (ConfigError, DataError, CheckpointError, PrefixError, VocabError)
+
+
+def cmd_train(args) -> int:
+    from . import config
+    from .train import PREEMPTED_EXIT, Preempted, run
+
+    cfg = config.load(args.config, args.overrides)
+    try:
+        run(cfg)
+    except Preempted:
+        return PREEMPTED_EXIT
+    return 0
+
+
+def _load_model(path: str, device: str = "cpu"):
+    from . import checkpoint, config
+    from .model import build_model
+    from .vocab import Vocab
+
+    state = checkpoint.load(path)
+    cfg = config.from_dict(state["config"])
+    vocab = Vocab(list(state["vocab"]))
+    model = build_model(cfg.model, len(vocab))
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), vocab, cfg, state
+
+
+def cmd_generate(args) -> int:
+    from .generate import generate
+
+    model, vocab, cfg, _ = _load_model(args.checkpoint, args.device)
+    for k in range(args.num_samples):
+        seed = None if args.seed is None else args.seed + k
+        print(generate(model, vocab, args.prefix, args.length, args.temperature or 0.0,
+                       args.top_k, seed=seed, device=args.device))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import json
+
+    from . import dist
+    from .amp import Amp
+    from .corpus import DataError, load_corpus
+    from .streams import EvalStreams
+    from .train import evaluate
+
+    ctx = dist.init(args.device)
+    try:
+        model, vocab, cfg, state = _load_model(args.checkpoint, str(ctx.device))
+        corpus = load_corpus(cfg.data, ctx)
+        if args.split not in corpus.splits:
+            raise DataError(f"split '{args.split}' does not exist for this corpus "
+                            f"(available: {sorted(corpus.splits)})")
+        if corpus.vocab.to_list() != vocab.to_list():
+            raise DataError("the corpus now gives a different vocabulary than the checkpoint's")
+        streams = EvalStreams(corpus.splits[args.split], args.batch_size or cfg.eval.batch_size,
+                              cfg.eval.num_steps or cfg.train.num_steps, ctx.rank,
+                              ctx.world_size, ctx.device)
+        out = evaluate(model, streams, Amp(args.amp, ctx.device), ctx.device)
+        if ctx.is_main:
+            print(json.dumps({"checkpoint": args.checkpoint, "step": state["step"],
+                              "split": args.split, **out}))
+        del model
+    finally:
+        dist.shutdown()
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from . import config, dist
+    from .corpus import load_corpus
+
+    cfg = config.load(args.config, args.overrides)
+    ctx = dist.init("cpu")
+    try:
+        corpus = load_corpus(cfg.data, ctx)
+        if ctx.is_main:
+            sizes = ", ".join(f"{k} {len(v):,}" for k, v in corpus.splits.items())
+            print(f"prepared: vocabulary {len(corpus.vocab)}; characters per split: {sizes}")
+    finally:
+        dist.shutdown()
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .compare import compare
+
+    return compare(args.runs, args.plot)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model (also under torchrun)")
+    t.add_argument("--config", help="YAML file in configs/")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=40")
+    t.set_defaults(fn=cmd_train)
+
+    g = sub.add_parser("generate", help="continue a prefix with a trained model")
+    g.add_argument("--checkpoint", required=True)
+    g.add_argument("--prefix", required=True)
+    g.add_argument("--length", type=int, default=50)
+    g.add_argument("--temperature", type=float, default=None,
+                   help="sample at this temperature (default: greedy, as the chapter)")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--num-samples", type=int, default=1)
+    g.add_argument("--device", default="cpu")
+    g.set_defaults(fn=cmd_generate)
+
+    e = sub.add_parser("eval", help="loss, perplexity and bits/char over a whole split")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--split", default="validation")
+    e.add_argument("--batch-size", type=int, default=0)
+    e.add_argument("--amp", default="off", choices=["off", "bf16", "fp16", "auto"])
+    e.add_argument("--device", default="auto")
+    e.set_defaults(fn=cmd_eval)
+
+    pr = sub.add_parser("prepare", help="build the prepared-data cache ahead of a job")
+    pr.add_argument("--config", required=True)
+    pr.add_argument("overrides", nargs="*")
+    pr.set_defaults(fn=cmd_prepare)
+
+    c = sub.add_parser("compare", help="table and plot of runs from their metrics.jsonl")
+    c.add_argument("runs", nargs="+")
+    c.add_argument("--plot", default="compare.png")
+    c.set_defaults(fn=cmd_compare)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except _user_errors() as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

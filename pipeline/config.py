@@ -1,0 +1,247 @@
+"""Typed run configuration: schema defaults < YAML file < `a.b=c` command-line overrides.
+
+An unknown key or a value of the wrong type is a ConfigError naming the key; the CLI turns it
+into exit status 2. The resolved config is a plain dict (see `to_dict`) written to the run
+directory and stored in checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user must fix (exit status 2)."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"  # config name; wandb group by default
+    dir: str = ""  # run directory; "" means runs/<name>
+    overwrite: bool = False  # with train.resume=never, allow a non-empty run.dir
+
+
+@dataclass
+class DataConfig:
+    source: str = "corpus"  # corpus (built-in, or data.path as a file) | text | hf
+    corpus: str = "jaychou"  # built-in corpus name
+    path: str = ""  # a local .zip/.txt file, or (source=hf) a Hub id or local dataset folder
+    url: str = ""  # override the built-in corpus' download URL
+    newlines: str = "keep"  # keep | space (the chapter replaces \n and \r by spaces)
+    max_chars: int = 0  # keep the first N characters (0 = all); the chapter uses 10000
+    valid_fraction: float = 0.0  # held-out tail of a text corpus
+    name: str = ""  # Hugging Face dataset config name
+    text_field: str = "text"
+    train_split: str = "train"
+    valid_split: str = "validation"
+    test_split: str = "test"
+    separator: str = "\n"  # joins documents of a Hugging Face split
+    min_freq: int = 1  # rarer training characters map to <unk>
+    max_vocab: int = 0  # keep the most frequent N characters (0 = all)
+    num_proc: int = 1  # worker processes for Dataset.map
+    cache_dir: str = ""  # prepared-data cache; "" means $PIPELINE_CACHE_DIR or ~/.cache
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "rnn_scratch"  # rnn_scratch | rnn | gru | lstm
+    hidden_size: int = 256
+    num_layers: int = 1
+    dropout: float = 0.0  # between stacked layers and before the output layer
+    embedding_size: int = 0  # input embedding width (rnn/gru/lstm); 0 means hidden_size
+    tie_weights: bool = False  # share input embedding and output weights (needs equal widths)
+    init_std: float = 0.01  # rnn_scratch: normal(0, init_std), as the chapter
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1
+    max_steps: int = 0  # stop after this many optimizer steps (0 = run all epochs)
+    batch_size: int = 32  # GLOBAL batch: each of W ranks gets batch_size / W streams
+    num_steps: int = 35  # truncated-BPTT length
+    sampling: str = "consecutive"  # consecutive | random
+    seed: int = 0
+    optimizer: str = "sgd"  # sgd | adam | adamw
+    lr: float = 100.0
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    schedule: str = "constant"  # constant | cosine (linear warmup, cosine decay to min_lr)
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    clip: float = 0.01  # clip by global gradient norm (the chapter's theta); 0 disables
+    amp: str = "off"  # off | bf16 | fp16 | auto
+    compile: bool = False  # torch.compile the model
+    device: str = "auto"  # auto | cpu | cuda
+    log_every: int = 0  # steps between train metrics; 0 = once per epoch
+    eval_every: int = 0  # steps between validation/generation; 0 = use eval_every_epochs
+    eval_every_epochs: int = 1  # epochs between validation/generation when eval_every = 0
+    checkpoint_every: int = 0  # steps between periodic checkpoints; 0 = only at the end
+    keep_checkpoints: int = 2  # periodic checkpoints kept besides last.pt and best.pt
+    resume: str = "auto"  # auto | never | PATH
+    time_limit: float = 0.0  # stop (and save) after this many seconds of training; 0 = none
+    signal_check_every: int = 10  # steps between cross-rank checks for SIGTERM/SIGUSR1
+    threads: int = 0  # torch threads per rank; 0 = cores / local world size
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 16  # global number of validation streams
+    num_steps: int = 0  # chunk length while carrying state (0 = train.num_steps)
+
+
+@dataclass
+class GenerateConfig:
+    prefixes: list[str] = field(default_factory=lambda: ["分开", "不分开"])
+    length: int = 50
+    temperature: float = 0.0  # 0 = greedy (the chapter's predict_rnn)
+    top_k: int = 0
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "auto"  # auto | online | offline | disabled
+    project: str = "lyrics-rnn"
+    entity: str = ""
+    name: str = ""
+    group: str = ""  # "" = run.name
+    tags: list[str] = field(default_factory=list)
+    notes: str = ""
+
+
+@dataclass
+class LoggingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    progress: str = "auto"  # auto (tqdm on a TTY) | bar | lines | off
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+CHOICES = {
+    "data.source": ("corpus", "text", "hf"),
+    "data.newlines": ("keep", "space"),
+    "model.kind": ("rnn_scratch", "rnn", "gru", "lstm"),
+    "train.sampling": ("consecutive", "random"),
+    "train.optimizer": ("sgd", "adam", "adamw"),
+    "train.schedule": ("constant", "cosine"),
+    "train.amp": ("off", "bf16", "fp16", "auto"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "logging.wandb.mode": ("auto", "online", "offline", "disabled"),
+    "logging.progress": ("auto", "bar", "lines", "off"),
+}
+POSITIVE = ("train.batch_size", "train.num_steps", "model.hidden_size", "model.num_layers",
+            "eval.batch_size", "train.epochs", "train.eval_every_epochs",
+            "train.signal_check_every")
+NON_NEGATIVE = ("train.max_steps", "train.log_every", "train.eval_every",
+                "train.checkpoint_every", "train.keep_checkpoints", "data.max_chars",
+                "data.max_vocab", "train.warmup_steps", "train.clip", "train.lr",
+                "generate.length", "generate.top_k", "generate.temperature", "eval.num_steps",
+                "train.time_limit", "train.threads", "model.embedding_size")
+
+
+def _explain(err: OmegaConfBaseException) -> ConfigError:
+    key = getattr(err, "full_key", None) or "?"
+    msg = str(err).splitlines()[0]
+    return ConfigError(f"config key '{key}': {msg}")
+
+
+def load(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Defaults < YAML at `path` < dotted `overrides`; validated. Raises ConfigError."""
+    schema = OmegaConf.structured(Config)
+    layers = [schema]
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        try:
+            layers.append(OmegaConf.load(p))
+        except Exception as err:  # yaml syntax errors
+            raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from None
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        key = item.split("=", 1)[0]
+        if OmegaConf.select(schema, key, default="__missing__") == "__missing__":
+            raise ConfigError(f"config key '{key}' does not exist (override '{item}')")
+    try:
+        merged = OmegaConf.merge(*layers, OmegaConf.from_dotlist(list(overrides or [])))
+        cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as err:
+        raise _explain(err) from None
+    if not cfg.run.name or cfg.run.name == "run":
+        cfg.run.name = Path(path).stem if path else "run"
+    if not cfg.run.dir:
+        cfg.run.dir = os.path.join("runs", cfg.run.name)
+    validate(cfg)
+    return cfg
+
+
+def get(cfg: Config, dotted: str) -> Any:
+    obj: Any = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def validate(cfg: Config) -> None:
+    for key, allowed in CHOICES.items():
+        if get(cfg, key) not in allowed:
+            raise ConfigError(f"config key '{key}': '{get(cfg, key)}' is not one of {allowed}")
+    for key in POSITIVE:
+        if get(cfg, key) <= 0:
+            raise ConfigError(f"config key '{key}' must be > 0, got {get(cfg, key)}")
+    for key in NON_NEGATIVE:
+        if get(cfg, key) < 0:
+            raise ConfigError(f"config key '{key}' must be >= 0, got {get(cfg, key)}")
+    if not 0.0 <= cfg.data.valid_fraction < 1.0:
+        raise ConfigError("config key 'data.valid_fraction' must be in [0, 1)")
+    if not 0.0 <= cfg.model.dropout < 1.0:
+        raise ConfigError("config key 'model.dropout' must be in [0, 1)")
+    if cfg.model.kind == "rnn_scratch" and cfg.model.num_layers != 1:
+        raise ConfigError("config key 'model.num_layers': rnn_scratch has exactly 1 layer")
+    if cfg.data.source in ("text", "hf") and not cfg.data.path:
+        raise ConfigError(f"config key 'data.path' is required with data.source={cfg.data.source}")
+    if len(cfg.train.betas) != 2:
+        raise ConfigError("config key 'train.betas' must have two values")
+
+
+def to_dict(cfg: Config) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore
+
+
+def from_dict(d: dict) -> Config:
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(d))
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        raise _explain(err) from None
+
+
+def dump(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} -> {'a.b': 1}: dotted keys so wandb can filter and group by any."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

@@ -1,0 +1,180 @@
+"""Get the text: built-in corpora (download + sha256 + cache), local files, Hugging Face.
+
+Look-up order for a built-in corpus: explicit `data.path`, then `$PIPELINE_DATA_DIR/<file>`,
+then the cache (`$PIPELINE_CACHE_DIR` or ~/.cache/lyrics-rnn), then the download. A download
+is written to a temporary file and renamed into the cache only after its checksum matched, so
+a bad or truncated download never leaves a file behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import tempfile
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .config import DataConfig
+from .vocab import Vocab
+
+
+class DataError(ValueError):
+    """Bad or missing input data (names the file and what is wrong)."""
+
+
+@dataclass(frozen=True)
+class BuiltinCorpus:
+    filename: str
+    url: str
+    sha256: str
+    member: str  # file inside the zip
+
+
+D2L_COMMIT = "89403b9792861d86a0f1735cdd4a3d60c423f5a2"
+BUILTIN = {
+    "jaychou": BuiltinCorpus(
+        filename="jaychou_lyrics.txt.zip",
+        url=f"https://raw.githubusercontent.com/d2l-ai/d2l-zh/{D2L_COMMIT}/data/jaychou_lyrics.txt.zip",
+        sha256="182180582bd7811aa93f4eb954f9a8d7990177044c374b16bd9304132d2dc39c",
+        member="jaychou_lyrics.txt",
+    ),
+}
+
+
+@dataclass
+class Corpus:
+    """Token ids per split (1-D numpy arrays, possibly memory-mapped) and the vocabulary."""
+
+    vocab: Vocab
+    splits: dict[str, np.ndarray]
+
+
+def cache_dir(data: DataConfig | None = None) -> Path:
+    if data is not None and data.cache_dir:
+        return Path(data.cache_dir)
+    env = os.environ.get("PIPELINE_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "lyrics-rnn"
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download(url: str, dest: Path, sha256: str, progress: bool = True) -> Path:
+    """Fetch `url` to `dest` atomically; raise DataError (leaving nothing) unless it matches."""
+    from tqdm import tqdm
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:
+            total = int(resp.headers.get("Content-Length") or 0) or None
+            bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"download {dest.name}",
+                       disable=not progress, file=sys.stderr)
+            got = 0
+            while chunk := resp.read(1 << 16):
+                out.write(chunk)
+                got += len(chunk)
+                bar.update(len(chunk))
+            bar.close()
+        if total is not None and got != total:
+            raise DataError(f"download of {url} is truncated: got {got} of {total} bytes")
+        digest = sha256_of(Path(tmp))
+        if digest != sha256:
+            raise DataError(f"download of {url} has sha256 {digest}, expected {sha256}")
+        os.replace(tmp, dest)
+        return dest
+    except DataError:
+        raise
+    except Exception as err:  # network errors, incomplete reads
+        raise DataError(f"could not download {url}: {err}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def locate_builtin(data: DataConfig) -> Path:
+    spec = BUILTIN.get(data.corpus)
+    if spec is None:
+        raise DataError(f"config key 'data.corpus': unknown corpus '{data.corpus}' "
+                        f"(built-in: {sorted(BUILTIN)})")
+    if data.path:
+        return Path(data.path)
+    env = os.environ.get("PIPELINE_DATA_DIR")
+    if env and (Path(env) / spec.filename).is_file():
+        return Path(env) / spec.filename
+    cached = cache_dir(data) / spec.filename
+    if cached.is_file() and sha256_of(cached) == spec.sha256:
+        return cached
+    return download(data.url or spec.url, cached, spec.sha256)
+
+
+def read_text(path: Path, member: str | None = None) -> str:
+    """A UTF-8 text file, or the text member of a zip archive."""
+    if not path.is_file():
+        raise DataError(f"data file '{path}' does not exist")
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                names = [n for n in zf.namelist() if not n.endswith("/")]
+                name = member if member in names else (names[0] if len(names) == 1 else None)
+                if name is None:
+                    raise DataError(f"zip '{path}' holds {names}; expected one text file")
+                raw = zf.read(name)
+        else:
+            raw = path.read_bytes()
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"data file '{path}' is not UTF-8 text: byte {err.start} "
+                        f"({raw[err.start:err.start + 1]!r}) is invalid") from None
+    except zipfile.BadZipFile as err:
+        raise DataError(f"data file '{path}' is a damaged zip: {err}") from None
+
+
+def preprocess(text: str, data: DataConfig) -> str:
+    if data.newlines == "space":  # the chapter: replace('\n', ' ').replace('\r', ' ')
+        text = text.replace("\n", " ").replace("\r", " ")
+    if data.max_chars:
+        text = text[: data.max_chars]
+    return text
+
+
+def split_text(text: str, valid_fraction: float) -> dict[str, str]:
+    """The last `valid_fraction` of the text is held out for validation."""
+    if valid_fraction <= 0:
+        return {"train": text}
+    cut = int(round(len(text) * (1 - valid_fraction)))
+    return {"train": text[:cut], "validation": text[cut:]}
+
+
+def load_text_corpus(data: DataConfig) -> Corpus:
+    if data.source == "text":
+        path, member = Path(data.path), None
+    else:
+        path, member = locate_builtin(data), BUILTIN[data.corpus].member
+    parts = split_text(preprocess(read_text(path, member), data), data.valid_fraction)
+    if not parts["train"]:
+        raise DataError(f"data file '{path}' gives an empty training text")
+    from collections import Counter
+
+    vocab = Vocab.build(Counter(parts["train"]), data.min_freq, data.max_vocab,
+                        extra=set("".join(v for k, v in parts.items() if k != "train")))
+    return Corpus(vocab, {k: vocab.encode(v) for k, v in parts.items()})
+
+
+def load_corpus(data: DataConfig, dist_ctx=None) -> Corpus:
+    """The corpus named by the config, as ids per split."""
+    if data.source == "hf":
+        from .hfdata import load_hf_corpus
+
+        return load_hf_corpus(data, dist_ctx)
+    return load_text_corpus(data)

@@ -1,0 +1,136 @@
+"""The distributed life-cycle: init from torchrun's environment, reductions, teardown.
+
+World size 1 without a launcher needs no process group; every helper here then degrades to
+the identity, so one code path serves `python -m pipeline` and `torchrun -m pipeline`.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+def pick_device(requested: str, local_rank: int) -> torch.device:
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device=cuda but no CUDA device is available")
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _restart_store(timeout: timedelta):
+    """torch 2.13's elastic agent shares its TCPStore with the workers, so restarted workers
+    can read the previous attempt's gloo peer addresses ("Gloo connectFullMesh failed").
+    Namespacing the store by the restart count gives every attempt fresh keys."""
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is None or "MASTER_ADDR" not in os.environ:
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          is_master=False, timeout=timeout)
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "run")
+    return dist.PrefixStore(f"{run_id}/restart_{restart}", store)
+
+
+def init(device: str = "auto", threads: int = 0, timeout_s: float = 1800) -> DistContext:
+    world_size = _env_int("WORLD_SIZE", 1)
+    ctx = DistContext(rank=_env_int("RANK", 0), world_size=world_size,
+                      local_rank=_env_int("LOCAL_RANK", 0),
+                      local_world_size=_env_int("LOCAL_WORLD_SIZE", 1))
+    ctx.device = pick_device(device, ctx.local_rank)
+    if "OMP_NUM_THREADS" not in os.environ or threads:
+        n = threads or max(1, (os.cpu_count() or 1) // ctx.local_world_size)
+        torch.set_num_threads(n)
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if ctx.device.type == "cuda" else "gloo"
+        timeout = timedelta(seconds=timeout_s)
+        store = _restart_store(timeout)
+        kwargs = dict(backend=backend, timeout=timeout)
+        if store is not None:
+            kwargs.update(store=store, rank=ctx.rank, world_size=world_size)
+        if backend == "nccl":
+            kwargs["device_id"] = ctx.device
+        dist.init_process_group(**kwargs)
+    return ctx
+
+
+def shutdown() -> None:
+    """Release the group only after everything that referenced it is gone: a DDP model still
+    alive at destroy_process_group() lets a gloo thread free a tensor during interpreter exit
+    (SIGABRT about 1 run in 8). Callers drop their references first; we collect here."""
+    gc.collect()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_gather_cat(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Concatenate every rank's `t` along `dim`, in rank order (same shape on all ranks)."""
+    if not dist.is_initialized():
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts, dim=dim)
+
+
+def check_same(value: int, what: str) -> None:
+    """All ranks must agree on `value` (e.g. steps per epoch): one all-reduce of (-v, v)."""
+    if not dist.is_initialized():
+        return
+    t = torch.tensor([-value, value], dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    all_reduce_max(t)
+    lo, hi = -int(t[0]), int(t[1])
+    if lo != hi:
+        raise RuntimeError(f"ranks disagree on {what}: min {lo}, max {hi}")
+
+
+def broadcast_object(obj, src: int = 0):
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

@@ -1,0 +1,217 @@
+"""Metrics: device-side accumulation, cross-rank reduction, and rank-0 sinks.
+
+Every event goes to `metrics.jsonl` in the run directory (one JSON object per line with
+`step`); wandb gets the same events when enabled (imported lazily, rank 0 only). Console
+output is a tqdm bar on a TTY, else one plain line per log interval.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import dist
+
+LN2 = math.log(2.0)
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 700.0))
+
+
+class TrainAccumulator:
+    """Sums kept on the device between log intervals (no host sync per step)."""
+
+    def __init__(self, device: torch.device):
+        # loss*tokens, tokens, grad-norm sum, clipped steps, skipped steps, steps
+        self.sums = torch.zeros(6, dtype=torch.float64, device=device)
+        self.t0 = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, tokens: int, norm: torch.Tensor, clip: float) -> None:
+        finite = torch.isfinite(norm)
+        clipped = (norm > clip) if clip > 0 else torch.zeros_like(finite)
+        step = torch.stack([loss.double() * tokens, torch.tensor(float(tokens), device=norm.device,
+                            dtype=torch.float64), torch.where(finite, norm, 0).double(),
+                            clipped.double(), (~finite).double(),
+                            torch.ones((), dtype=torch.float64, device=norm.device)])
+        self.sums += step
+
+    def reduce(self, world_size: int) -> dict:
+        """Collective: every rank calls it at the same step."""
+        sums = dist.all_reduce_sum(self.sums.clone()).tolist()
+        loss_tok, tokens, norm, clipped, skipped, steps = sums
+        steps_per_rank = steps / world_size
+        elapsed = time.perf_counter() - self.t0
+        loss = loss_tok / max(tokens, 1)
+        out = {"train/loss": loss, "train/perplexity": perplexity(loss),
+               "train/bpc": loss / LN2,
+               "opt/grad_norm": norm / world_size / max(steps_per_rank - skipped / world_size, 1),
+               "opt/clipped": clipped / max(steps, 1),
+               "amp/skipped_steps": skipped / world_size,
+               "perf/tokens_per_s": tokens / max(elapsed, 1e-9),
+               "_tokens": tokens}
+        self.sums.zero_()
+        self.t0 = time.perf_counter()
+        return out
+
+
+def wandb_mode(requested: str) -> str:
+    """`auto`: online with credentials, else offline (the main job never needs an account)."""
+    if requested != "auto":
+        return requested
+    if os.environ.get("WANDB_MODE") in ("offline", "disabled", "online"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        if "api.wandb.ai" in netrc.read_text():
+            return "online"
+    except OSError:
+        pass
+    return "offline"
+
+
+class Progress:
+    def __init__(self, mode: str, total: int, initial: int):
+        if mode == "auto":
+            mode = "bar" if sys.stdout.isatty() else "lines"
+        self.mode = mode
+        self.bar = None
+        if mode == "bar":
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total or None, initial=initial, unit="step", dynamic_ncols=True)
+
+    def update(self, step: int, metrics: dict) -> None:
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.set_postfix(ppl=f"{metrics['train/perplexity']:.2f}",
+                                 tok_s=f"{metrics['perf/tokens_per_s']:.0f}", refresh=True)
+        elif self.mode == "lines":
+            self.write(f"step {step} epoch {metrics.get('epoch', 0)}: train perplexity "
+                       f"{metrics['train/perplexity']:.3f}, loss {metrics['train/loss']:.4f}, "
+                       f"grad norm {metrics['opt/grad_norm']:.3g}, "
+                       f"{metrics['perf/tokens_per_s']:.0f} tokens/s")
+
+    def write(self, line: str) -> None:
+        if self.mode == "off":
+            return
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class RunLogger:
+    """Rank-0 sinks: metrics.jsonl always, wandb when enabled. Other ranks get a no-op."""
+
+    def __init__(self, run_dir: Path, cfg, cfg_dict: dict, world_size: int, device: torch.device,
+                 run_id: str, resume_step: int, enabled: bool):
+        self.enabled = enabled
+        self.wandb = None
+        self.last: dict = {}
+        if not enabled:
+            return
+        self.path = Path(run_dir) / "metrics.jsonl"
+        truncate_jsonl(self.path, resume_step)
+        self.file = open(self.path, "a", encoding="utf-8")
+        self._init_wandb(cfg, cfg_dict, world_size, device, run_id, resume_step)
+
+    def _init_wandb(self, cfg, cfg_dict, world_size, device, run_id, resume_step):
+        from .config import flatten
+
+        w = cfg.logging.wandb
+        mode = wandb_mode(w.mode)
+        if mode == "disabled":
+            return
+        import wandb
+
+        from .provenance import provenance
+
+        amp = cfg_dict["train"]["amp"]
+        tags = list(w.tags) or [cfg.model.kind, cfg.train.sampling, f"world{world_size}",
+                                f"amp-{amp}", device.type]
+        config = flatten(cfg_dict)
+        config.update(provenance(world_size))
+        self.wandb = wandb.init(
+            project=w.project, entity=w.entity or None, name=w.name or cfg.run.name,
+            group=w.group or cfg.run.name, tags=tags, notes=w.notes or None, config=config,
+            id=run_id, resume="allow", mode=mode, dir=str(Path(cfg.run.dir).resolve()),
+            settings=wandb.Settings(console="off", silent=True))
+        self.wandb.define_metric("train/chars")
+        self.wandb.define_metric("*", step_metric="train/chars", step_sync=False)
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        event = {"step": step, **{k: v for k, v in metrics.items() if not k.startswith("_")}}
+        self.last.update(event)
+        self.file.write(json.dumps(event, ensure_ascii=False) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in event.items() if k != "step"
+                            and isinstance(v, (int, float))}, step=step)
+
+    def samples(self, step: int, rows: list[tuple[str, str]]) -> None:
+        if not self.enabled:
+            return
+        self.log(step, {"samples": [{"prefix": p, "text": t} for p, t in rows]})
+        if self.wandb is not None:
+            import wandb
+
+            table = wandb.Table(columns=["step", "prefix", "text"],
+                                data=[[step, p, t] for p, t in rows])
+            self.wandb.log({"samples": table}, step=step)
+
+    def finish(self, summary: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.close()
+        if self.wandb is not None:
+            for k, v in summary.items():
+                self.wandb.summary[k] = v
+            for k in ("train/perplexity", "val/perplexity", "val/bpc", "train/loss", "val/loss"):
+                if k in self.last:
+                    self.wandb.summary[k] = self.last[k]
+            self.wandb.finish()
+
+
+def truncate_jsonl(path: Path, resume_step: int) -> None:
+    """On resume, drop events after the checkpoint's step: they are logged again, and the
+    history stays strictly increasing without duplicates."""
+    if not path.exists():
+        return
+    if resume_step <= 0:
+        path.unlink()
+        return
+    keep = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                if json.loads(line).get("step", 0) <= resume_step:
+                    keep.append(line)
+            except json.JSONDecodeError:
+                break  # a torn last line from a killed writer
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(keep), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                out.append(json.loads(line))
+    return out

@@ -1,0 +1,156 @@
+"""Minibatches as pure functions of (ids, seed, epoch, batch index, rank, world size).
+
+Consecutive sampling (the chapter's `data_iter_consecutive`): the first
+`batch_size * batch_len` ids are laid out as `batch_size` rows (streams) of `batch_len`
+consecutive characters; minibatch i is columns [i*T, i*T+T) of every row, targets shifted by
+one, `(batch_len - 1) // T` minibatches an epoch. Rank r owns rows [r*b, (r+1)*b), b =
+batch_size / world_size: a contiguous shard of the corpus, so it reads only its own slice of
+a memory-mapped file and carries its own hidden state from one minibatch to the next.
+
+Random sampling (`data_iter_random`): window j is ids[j*T : j*T+T] (target shifted by one),
+`(n - 1) // T` windows, one permutation per epoch drawn from (seed, epoch) alone, so every rank
+draws the same one; global minibatch i is windows perm[i*B : (i+1)*B] and rank r takes its
+slice [r*b, (r+1)*b) of it. `(n - 1) // T // B` minibatches an epoch.
+
+Hence with W ranks, the union of the rank batches is exactly the single-process batch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .corpus import DataError
+
+IGNORE = -100  # target id that cross_entropy skips (padding of validation rows)
+
+
+def local_batch(batch_size: int, world_size: int) -> int:
+    if world_size > batch_size:
+        raise DataError(f"world size {world_size} is larger than train.batch_size={batch_size}: "
+                        f"every rank needs at least one stream")
+    if batch_size % world_size:
+        raise DataError(f"train.batch_size={batch_size} is not divisible by the world size "
+                        f"{world_size}: each rank needs batch_size / world_size streams")
+    return batch_size // world_size
+
+
+def _to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch) % (2**63 - 1)
+
+
+class ConsecutiveStreams:
+    def __init__(self, ids: np.ndarray, batch_size: int, num_steps: int, rank: int,
+                 world_size: int, device: torch.device):
+        self.b = local_batch(batch_size, world_size)
+        self.T = num_steps
+        self.batch_len = len(ids) // batch_size
+        self.epoch_size = (self.batch_len - 1) // num_steps
+        if self.epoch_size < 1:
+            need = batch_size * (num_steps + 1)
+            raise DataError(f"training split has {len(ids)} characters; consecutive sampling "
+                            f"with batch_size={batch_size} and num_steps={num_steps} needs at "
+                            f"least {need}")
+        start = rank * self.b * self.batch_len
+        shard = ids[start: start + self.b * self.batch_len].reshape(self.b, self.batch_len)
+        # Small in-memory corpora go to the device once; memory-mapped ones are sliced per batch
+        # so that resident memory does not grow with the corpus.
+        self.lazy = isinstance(ids, np.memmap)
+        self.rows = shard if self.lazy else _to_device(shard, device)
+        self.device = device
+
+    def batch(self, epoch: int, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        lo = i * self.T
+        if self.lazy:
+            xy = _to_device(self.rows[:, lo: lo + self.T + 1], self.device)
+        else:
+            xy = self.rows[:, lo: lo + self.T + 1]
+        return xy[:, :-1], xy[:, 1:]
+
+
+class RandomWindows:
+    def __init__(self, ids: np.ndarray, batch_size: int, num_steps: int, rank: int,
+                 world_size: int, device: torch.device, seed: int):
+        self.b = local_batch(batch_size, world_size)
+        self.B, self.T, self.rank, self.seed = batch_size, num_steps, rank, seed
+        self.num_examples = (len(ids) - 1) // num_steps
+        self.epoch_size = self.num_examples // batch_size
+        if self.epoch_size < 1:
+            need = batch_size * num_steps + 1
+            raise DataError(f"training split has {len(ids)} characters; random sampling with "
+                            f"batch_size={batch_size} and num_steps={num_steps} needs at least "
+                            f"{need}")
+        self.lazy = isinstance(ids, np.memmap)
+        self.ids = ids if self.lazy else _to_device(ids, device)
+        self.device = device
+        self._perm: tuple[int, torch.Tensor] | None = None
+        self._offsets = torch.arange(num_steps + 1, device=device)
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        if self._perm is None or self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
+            self._perm = (epoch, torch.randperm(self.num_examples, generator=g))
+        return self._perm[1]
+
+    def batch(self, epoch: int, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        lo = i * self.B + self.rank * self.b
+        starts = self.permutation(epoch)[lo: lo + self.b] * self.T
+        if self.lazy:
+            idx = starts.numpy()[:, None] + np.arange(self.T + 1)
+            xy = _to_device(self.ids[idx], self.device)
+        else:
+            xy = self.ids[starts.to(self.device)[:, None] + self._offsets]
+        return xy[:, :-1], xy[:, 1:]
+
+
+def make_train_streams(ids, sampling, batch_size, num_steps, rank, world_size, device, seed):
+    if sampling == "consecutive":
+        return ConsecutiveStreams(ids, batch_size, num_steps, rank, world_size, device)
+    return RandomWindows(ids, batch_size, num_steps, rank, world_size, device, seed)
+
+
+def eval_row_bounds(n_ids: int, batch_size: int) -> list[tuple[int, int]]:
+    """Split the n_ids - 1 prediction targets of a split into `batch_size` consecutive rows
+    whose lengths differ by at most one: every character after the first is predicted once."""
+    n_targets = n_ids - 1
+    base, extra = divmod(n_targets, batch_size)
+    bounds, start = [], 0
+    for j in range(batch_size):
+        length = base + (1 if j < extra else 0)
+        bounds.append((start, length))
+        start += length
+    return bounds
+
+
+class EvalStreams:
+    """A whole split, as `batch_size` global rows read in consecutive chunks of `num_steps`
+    with the state carried; rank r evaluates rows [r*b, (r+1)*b). Rows are padded with
+    IGNORE targets, so the summed loss covers each target exactly once."""
+
+    def __init__(self, ids: np.ndarray, batch_size: int, num_steps: int, rank: int,
+                 world_size: int, device: torch.device):
+        if len(ids) < 2:
+            raise DataError(f"evaluation split has {len(ids)} characters; need at least 2")
+        batch_size = min(batch_size, len(ids) - 1)
+        batch_size = -(-batch_size // world_size) * world_size  # round up to a multiple of W
+        self.b = batch_size // world_size
+        bounds = eval_row_bounds(len(ids), batch_size)[rank * self.b: (rank + 1) * self.b]
+        width = max(1, -(-(len(ids) - 1) // batch_size))
+        x = np.zeros((self.b, width), dtype=np.int64)
+        y = np.full((self.b, width), IGNORE, dtype=np.int64)
+        for row, (start, length) in enumerate(bounds):
+            x[row, :length] = ids[start: start + length]
+            y[row, :length] = ids[start + 1: start + length + 1]
+        self.x, self.y = _to_device(x, device), _to_device(y, device)
+        self.T = num_steps
+
+    def __iter__(self):
+        for lo in range(0, self.x.shape[1], self.T):
+            yield self.x[:, lo: lo + self.T], self.y[:, lo: lo + self.T]

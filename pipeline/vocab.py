@@ -1,0 +1,76 @@
+"""Deterministic character vocabulary.
+
+The chapter builds `list(set(chars))`, whose order depends on PYTHONHASHSEED, so two processes
+would disagree on ids. Here the order is a pure function of the counts: most frequent first,
+ties by code point. `<unk>` (id 0) exists only when some character is left out.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+
+import numpy as np
+
+UNK = "<unk>"
+
+
+class VocabError(ValueError):
+    pass
+
+
+class Vocab:
+    def __init__(self, itos: list[str]):
+        if len(set(itos)) != len(itos):
+            raise VocabError("vocabulary has duplicate entries")
+        self.itos = list(itos)
+        self.stoi = {c: i for i, c in enumerate(self.itos)}
+        self.unk = self.stoi.get(UNK)
+
+    @classmethod
+    def build(cls, counts: Counter, min_freq: int = 1, max_vocab: int = 0,
+              extra: Iterable[str] = ()) -> Vocab:
+        """Keep chars with count >= min_freq (the max_vocab most frequent); `<unk>` if any
+        counted char, or any char of `extra` (e.g. other splits), is left out."""
+        ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+        kept = [c for c, n in ranked if n >= min_freq]
+        if max_vocab:
+            kept = kept[: max(1, max_vocab - 1)] if len(kept) > max_vocab else kept
+        kept_set = set(kept)
+        needs_unk = len(kept) < len(ranked) or any(c not in kept_set for c in extra)
+        return cls(([UNK] if needs_unk else []) + kept)
+
+    @classmethod
+    def from_text(cls, text: str, **kw) -> Vocab:
+        return cls.build(Counter(text), **kw)
+
+    def __len__(self) -> int:
+        return len(self.itos)
+
+    def dtype(self) -> np.dtype:
+        return np.dtype(np.uint16 if len(self) <= np.iinfo(np.uint16).max + 1 else np.uint32)
+
+    def encode(self, text: str) -> np.ndarray:
+        if self.unk is None:
+            try:
+                ids = [self.stoi[c] for c in text]
+            except KeyError as err:
+                raise VocabError(f"character {err.args[0]!r} is not in the vocabulary") from None
+        else:
+            get, unk = self.stoi.get, self.unk
+            ids = [get(c, unk) for c in text]
+        return np.asarray(ids, dtype=self.dtype())
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return "".join(self.itos[int(i)] for i in ids)
+
+    def missing(self, text: str) -> list[str]:
+        """Characters of `text` that have no id of their own (in order of appearance)."""
+        seen: dict[str, None] = {}
+        for c in text:
+            if c not in self.stoi or c == UNK:
+                seen[c] = None
+        return list(seen)
+
+    def to_list(self) -> list[str]:
+        return list(self.itos)
