@@ -8,16 +8,35 @@ directory and stored in checkpoints.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
 class ConfigError(ValueError):
     """A configuration problem the user must fix (exit status 2)."""
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false. YAML 1.1 (PyYAML's and OmegaConf's default) also
+    reads on/off/yes/no as booleans, which turns `train.amp: off` into the string 'False'."""
+
+
+_BOOL = "tag:yaml.org,2002:bool"
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != _BOOL]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_YamlLoader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                  list("tTfF"))
+
+
+def _parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)
 
 
 @dataclass
@@ -168,7 +187,7 @@ def load(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> C
         if not p.is_file():
             raise ConfigError(f"config file '{path}' does not exist")
         try:
-            layers.append(OmegaConf.load(p))
+            layers.append(OmegaConf.create(_parse_yaml(p.read_text(encoding="utf-8")) or {}))
         except Exception as err:  # yaml syntax errors
             raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from None
     for item in overrides or []:
@@ -177,8 +196,16 @@ def load(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> C
         key = item.split("=", 1)[0]
         if OmegaConf.select(schema, key, default="__missing__") == "__missing__":
             raise ConfigError(f"config key '{key}' does not exist (override '{item}')")
+    dotlist = OmegaConf.create()
+    for item in overrides or []:
+        key, value = item.split("=", 1)
+        try:
+            OmegaConf.update(dotlist, key, _parse_yaml(value), force_add=True)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config key '{key}': value {value!r} is not valid YAML: "
+                              f"{str(err).splitlines()[0]}") from None
     try:
-        merged = OmegaConf.merge(*layers, OmegaConf.from_dotlist(list(overrides or [])))
+        merged = OmegaConf.merge(*layers, dotlist)
         cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as err:
         raise _explain(err) from None

@@ -115,6 +115,15 @@ def all_gather_cat(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat(parts, dim=dim)
 
 
+def all_gather_object(obj) -> list:
+    """Every rank's picklable `obj`, in rank order ([obj] without a process group)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def check_same(value: int, what: str) -> None:
     """All ranks must agree on `value` (e.g. steps per epoch): one all-reduce of (-v, v)."""
     if not dist.is_initialized():

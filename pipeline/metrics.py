@@ -114,21 +114,34 @@ class Progress:
 
 
 class RunLogger:
-    """Rank-0 sinks: metrics.jsonl always, wandb when enabled. Other ranks get a no-op."""
+    """Rank-0 sinks: metrics.jsonl always, wandb when enabled. Other ranks get a no-op.
+
+    Resume consistency: a resumed run restarts at its checkpoint's step, so events logged
+    after that checkpoint are logged again. metrics.jsonl is truncated to the step. wandb
+    history cannot be truncated (offline runs are separate files joined at `wandb sync`;
+    online, steps below the run's current step are dropped), so while periodic checkpoints
+    are on (`hold=True`), wandb events wait here until `commit()` is called just before
+    `checkpoints/last.pt` is written: wandb never holds a step that a resume would redo, and
+    the history of all attempts is strictly increasing without gaps or duplicates. Without
+    periodic checkpoints the only resume points are the final/preemption saves, after every
+    event, so events go straight through.
+    """
 
     def __init__(self, run_dir: Path, cfg, cfg_dict: dict, world_size: int, device: torch.device,
-                 run_id: str, resume_step: int, enabled: bool):
+                 run_id: str, resume_step: int, enabled: bool, hold: bool = False):
         self.enabled = enabled
         self.wandb = None
+        self.hold = hold
+        self.pending: list[tuple[int, dict]] = []
         self.last: dict = {}
         if not enabled:
             return
         self.path = Path(run_dir) / "metrics.jsonl"
         truncate_jsonl(self.path, resume_step)
         self.file = open(self.path, "a", encoding="utf-8")
-        self._init_wandb(cfg, cfg_dict, world_size, device, run_id, resume_step)
+        self._init_wandb(cfg, cfg_dict, world_size, device, run_id)
 
-    def _init_wandb(self, cfg, cfg_dict, world_size, device, run_id, resume_step):
+    def _init_wandb(self, cfg, cfg_dict, world_size, device, run_id):
         from .config import flatten
 
         w = cfg.logging.wandb
@@ -139,6 +152,9 @@ class RunLogger:
 
         from .provenance import provenance
 
+        # WANDB_DIR wins when set (clusters point it at scratch); else the run directory.
+        root = Path(os.environ.get("WANDB_DIR") or Path(cfg.run.dir).resolve())
+        root.mkdir(parents=True, exist_ok=True)  # wandb falls back to /tmp if it is missing
         amp = cfg_dict["train"]["amp"]
         tags = list(w.tags) or [cfg.model.kind, cfg.train.sampling, f"world{world_size}",
                                 f"amp-{amp}", device.type]
@@ -147,10 +163,11 @@ class RunLogger:
         self.wandb = wandb.init(
             project=w.project, entity=w.entity or None, name=w.name or cfg.run.name,
             group=w.group or cfg.run.name, tags=tags, notes=w.notes or None, config=config,
-            id=run_id, resume="allow", mode=mode, dir=str(Path(cfg.run.dir).resolve()),
+            id=run_id, resume="allow", mode=mode, dir=str(root),
             settings=wandb.Settings(console="off", silent=True))
+        # x axis: the global step (wandb's _step) by default; characters seen as an option.
         self.wandb.define_metric("train/chars")
-        self.wandb.define_metric("*", step_metric="train/chars", step_sync=False)
+        self.wandb.define_metric("*", step_metric="train/chars", step_sync=True)
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -159,9 +176,9 @@ class RunLogger:
         self.last.update(event)
         self.file.write(json.dumps(event, ensure_ascii=False) + "\n")
         self.file.flush()
-        if self.wandb is not None:
-            self.wandb.log({k: v for k, v in event.items() if k != "step"
-                            and isinstance(v, (int, float))}, step=step)
+        numbers = {k: v for k, v in event.items() if k != "step"
+                   and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self._to_wandb(step, numbers)
 
     def samples(self, step: int, rows: list[tuple[str, str]]) -> None:
         if not self.enabled:
@@ -172,13 +189,32 @@ class RunLogger:
 
             table = wandb.Table(columns=["step", "prefix", "text"],
                                 data=[[step, p, t] for p, t in rows])
-            self.wandb.log({"samples": table}, step=step)
+            self._to_wandb(step, {"samples": table})
+
+    def _to_wandb(self, step: int, data: dict) -> None:
+        if self.wandb is None or not data:
+            return
+        self.pending.append((step, data))
+        if not self.hold:
+            self.commit()
+
+    def commit(self) -> None:
+        """Send held events to wandb; call right before writing a resumable checkpoint."""
+        if self.wandb is None or not self.pending:
+            return
+        last = len(self.pending) - 1
+        for i, (step, data) in enumerate(self.pending):
+            # Held: close the last row now (commit=True), so that a kill after the checkpoint
+            # cannot lose the row of the checkpoint's own step.
+            self.wandb.log(data, step=step, commit=True if self.hold and i == last else None)
+        self.pending.clear()
 
     def finish(self, summary: dict) -> None:
         if not self.enabled:
             return
         self.file.close()
         if self.wandb is not None:
+            self.commit()
             for k, v in summary.items():
                 self.wandb.summary[k] = v
             for k in ("train/perplexity", "val/perplexity", "val/bpc", "train/loss", "val/loss"):

@@ -269,7 +269,7 @@ def _train(cfg: Config, ctx: dist.DistContext) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(config_mod.dump(cfg), encoding="utf-8")
     logger = RunLogger(run_dir, cfg, cfg_dict, ctx.world_size, ctx.device, run_id, pos.step,
-                       ctx.is_main)
+                       ctx.is_main, hold=tcfg.checkpoint_every > 0)
     progress = Progress(cfg.logging.progress if ctx.is_main else "off", total_steps, pos.step)
     log(f"{cfg.model.kind}: {sum(p.numel() for p in params):,} parameters, vocabulary "
         f"{len(vocab)}, {streams.epoch_size} minibatches/epoch, world size {ctx.world_size}, "
@@ -290,6 +290,10 @@ def _train(cfg: Config, ctx: dist.DistContext) -> dict:
                 ckpt.save_atomic(state, cdir / path_name)
         dist.barrier()
 
+    def elapsed() -> float:
+        """Seconds of training up to now, across resumes (for wall-time plots)."""
+        return pos.train_time + time.monotonic() - started
+
     def run_eval() -> dict:
         nonlocal best_val
         out = {}
@@ -298,7 +302,7 @@ def _train(cfg: Config, ctx: dist.DistContext) -> dict:
             out = {"val/loss": v["loss"], "val/perplexity": v["perplexity"], "val/bpc": v["bpc"]}
             improved = v["loss"] < best_val
             best_val = min(best_val, v["loss"])
-            logger.log(pos.step, {**out, "epoch": pos.epoch})
+            logger.log(pos.step, {**out, "epoch": pos.epoch, "time/elapsed_s": elapsed()})
             log(f"step {pos.step}: validation perplexity {v['perplexity']:.3f}, "
                 f"{v['bpc']:.3f} bits/char over {int(v['tokens'])} characters")
             if improved:
@@ -354,7 +358,8 @@ def _train(cfg: Config, ctx: dist.DistContext) -> dict:
                         (not tcfg.log_every and end_of_epoch) or stop:
                     last_train = acc.reduce(ctx.world_size)
                     last_train.update({"epoch": pos.epoch, "opt/lr": optimizer.param_groups[0]["lr"],
-                                       "train/chars": pos.step * tokens_per_step})
+                                       "train/chars": pos.step * tokens_per_step,
+                                       "time/elapsed_s": elapsed(), "world_size": ctx.world_size})
                     if amp.mode == "fp16":
                         last_train["amp/scale"] = amp.scaler.get_scale()
                     logger.log(pos.step, last_train)
@@ -368,6 +373,7 @@ def _train(cfg: Config, ctx: dist.DistContext) -> dict:
                 if periodic or stop:
                     pos.train_time += time.monotonic() - started
                     started = time.monotonic()
+                    logger.commit()  # wandb gets events up to this resumable point
                     save("last.pt", periodic=periodic)
                 if stop:
                     break

@@ -1,0 +1,104 @@
+"""Issue 8's options: whole-split evaluation, best.pt, weight tying, dropout."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY, load_ckpt, run_cli
+
+from pipeline import config
+from pipeline.config import ConfigError
+from pipeline.corpus import load_corpus
+from pipeline.model import build_model, num_params
+
+LSTM = ["model.kind=lstm", "model.num_layers=2", "model.hidden_size=24", "train.optimizer=adam",
+        "train.lr=0.01", "data.valid_fraction=0.2", "data.newlines=keep"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    run_cli(["train", "--config", "configs/seed_concise.yaml", f"run.dir={run_dir}", *TINY, *LSTM,
+             "train.max_steps=60", "train.eval_every=10", "train.log_every=10"])
+    return run_dir
+
+
+def hand_loss(model, ids) -> float:
+    """One stream through the whole split, state carried: sum of -log p(next) / count."""
+    x = torch.as_tensor(ids[:-1].astype("int64"))[None]
+    y = torch.as_tensor(ids[1:].astype("int64"))
+    with torch.no_grad():
+        logits_TBV, _ = model(x, model.init_state(1, torch.device("cpu")))
+    return F.cross_entropy(logits_TBV[:, 0], y, reduction="mean").item()
+
+
+def test_eval_command_equals_loss_by_hand(trained):
+    state = load_ckpt(trained)
+    cfg = config.from_dict(state["config"])
+    model = build_model(cfg.model, len(state["vocab"]))
+    model.load_state_dict(state["model"])
+    model.eval()
+    valid = load_corpus(cfg.data).splits["validation"]
+    out = run_cli(["eval", "--checkpoint", str(trained / "checkpoints" / "last.pt"),
+                   "--split", "validation", "--batch-size", "1", "--device", "cpu"])
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["tokens"] == len(valid) - 1  # every character after the first, once
+    assert got["loss"] == pytest.approx(hand_loss(model, valid), rel=1e-5)
+    assert got["perplexity"] == pytest.approx(math.exp(got["loss"]), rel=1e-9)
+    assert got["bpc"] == pytest.approx(got["loss"] / math.log(2), rel=1e-9)
+
+
+def test_eval_unknown_split_is_a_clear_error(trained):
+    out = run_cli(["eval", "--checkpoint", str(trained / "checkpoints" / "last.pt"),
+                   "--split", "test", "--device", "cpu"], check=False)
+    assert out.returncode == 2
+    assert "split 'test'" in out.stderr
+
+
+def test_best_checkpoint_has_lowest_validation_loss(trained):
+    events = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    val = [(e["step"], e["val/loss"]) for e in events if "val/loss" in e]
+    assert len(val) >= 5
+    best_step, best_loss = min(val, key=lambda sv: sv[1])
+    best = load_ckpt(trained, "best.pt")
+    assert best["step"] == best_step
+    assert best["best_val_loss"] == pytest.approx(best_loss, rel=1e-12)
+    assert load_ckpt(trained)["best_val_loss"] == pytest.approx(best_loss, rel=1e-12)
+
+
+def _model(**kw):
+    cfg = config.load(None, [f"model.{k}={v}" for k, v in kw.items()])
+    return build_model(cfg.model, 100)
+
+
+def test_weight_tying_shares_the_matrix_and_cuts_parameters():
+    untied = _model(kind="lstm", hidden_size=32, embedding_size=32)
+    tied = _model(kind="lstm", hidden_size=32, embedding_size=32, tie_weights="true")
+    assert num_params(untied) - num_params(tied) == 100 * 32
+    assert tied.dense.weight.data_ptr() == tied.embedding.weight.data_ptr()
+    # the state dict still loads into a fresh tied model (both names, one tensor)
+    fresh = _model(kind="lstm", hidden_size=32, embedding_size=32, tie_weights="true")
+    fresh.load_state_dict(tied.state_dict())
+    assert fresh.dense.weight.data_ptr() == fresh.embedding.weight.data_ptr()
+
+
+def test_weight_tying_needs_equal_widths():
+    with pytest.raises(ConfigError, match="tie_weights"):
+        _model(kind="gru", hidden_size=32, embedding_size=16, tie_weights="true")
+
+
+def test_dropout_acts_in_training_only():
+    x = torch.randint(0, 100, (3, 7))
+    m = _model(kind="gru", hidden_size=16, num_layers=2, dropout=0.5)
+    s = m.init_state(3, torch.device("cpu"))
+    a, b = m(x, s)[0], m(x, s)[0]
+    assert not torch.equal(a, b)  # masks differ between calls while training
+    m.eval()
+    assert torch.equal(m(x, s)[0], m(x, s)[0])
+    plain = _model(kind="gru", hidden_size=16, num_layers=2, dropout=0.0)
+    assert torch.equal(plain(x, s)[0], plain(x, s)[0])
+    assert plain.rnn.dropout == 0.0 and m.rnn.dropout == 0.5
