@@ -29,9 +29,10 @@ def _user_errors():
 
 def cmd_train(args) -> int:
     from . import config
+
+    cfg = config.load(args.config, args.overrides)  # before importing torch: typos fail fast
     from .train import PREEMPTED_EXIT, Preempted, run
 
-    cfg = config.load(args.config, args.overrides)
     try:
         run(cfg)
     except Preempted:

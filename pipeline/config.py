@@ -41,7 +41,7 @@ def _parse_yaml(text: str) -> Any:
 
 @dataclass
 class RunConfig:
-    name: str = "run"  # config name; wandb group by default
+    name: str = ""  # "" = the config file's stem (or "run"); wandb group by default
     dir: str = ""  # run directory; "" means runs/<name>
     overwrite: bool = False  # with train.resume=never, allow a non-empty run.dir
 
@@ -209,7 +209,7 @@ def load(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> C
         cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as err:
         raise _explain(err) from None
-    if not cfg.run.name or cfg.run.name == "run":
+    if not cfg.run.name:
         cfg.run.name = Path(path).stem if path else "run"
     if not cfg.run.dir:
         cfg.run.dir = os.path.join("runs", cfg.run.name)
@@ -238,8 +238,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config key 'data.valid_fraction' must be in [0, 1)")
     if not 0.0 <= cfg.model.dropout < 1.0:
         raise ConfigError("config key 'model.dropout' must be in [0, 1)")
-    if cfg.model.kind == "rnn_scratch" and cfg.model.num_layers != 1:
-        raise ConfigError("config key 'model.num_layers': rnn_scratch has exactly 1 layer")
     if cfg.data.source in ("text", "hf") and not cfg.data.path:
         raise ConfigError(f"config key 'data.path' is required with data.source={cfg.data.source}")
     if len(cfg.train.betas) != 2:

@@ -1,0 +1,93 @@
+"""End to end: `python -m pipeline train` on a tiny config, then `generate` from its
+checkpoint, as real subprocesses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TINY, load_ckpt, run_cli
+
+from pipeline import config
+from pipeline.corpus import load_corpus
+from pipeline.generate import generate
+from pipeline.metrics import read_jsonl
+from pipeline.model import build_model
+from pipeline.vocab import Vocab
+
+STEPS = 30
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("cli") / "run"
+    overrides = [*TINY, f"run.dir={run_dir}", f"train.max_steps={STEPS}", "train.epochs=50",
+                 "train.log_every=10", "data.valid_fraction=0.1", "generate.prefixes=[分开]",
+                 "generate.length=20", "run.name=tiny"]
+    proc = run_cli(["train", "--config", "configs/seed_scratch_random.yaml", *overrides])
+    return run_dir, overrides, proc
+
+
+def test_train_writes_the_run_directory(trained):
+    run_dir, overrides, proc = trained
+    # config.yaml: the resolved config, YAML < command line
+    cfg = config.load(str(run_dir / "config.yaml"), [])
+    assert cfg.train.max_steps == STEPS and cfg.model.hidden_size == 32
+    assert cfg.train.sampling == "random" and cfg.data.max_chars == 4000  # YAML, then CLI
+    assert config.to_dict(cfg) == config.to_dict(
+        config.load("configs/seed_scratch_random.yaml", overrides))
+
+    # metrics.jsonl: one JSON object per event, each with a step
+    events = read_jsonl(run_dir / "metrics.jsonl")
+    assert events and all(isinstance(e["step"], int) for e in events)
+    train = [e for e in events if "train/perplexity" in e]
+    assert [e["step"] for e in train] == [10, 20, 30]
+    assert all(e["train/perplexity"] > 1 for e in train)
+    assert all(k in train[-1] for k in ("train/loss", "perf/tokens_per_s", "opt/lr", "epoch"))
+    val = [e for e in events if "val/perplexity" in e]
+    assert val and val[-1]["step"] == STEPS
+    samples = [e for e in events if "samples" in e]
+    assert samples and samples[-1]["samples"][0]["prefix"] == "分开"
+    assert samples[-1]["samples"][0]["text"].startswith("分开")
+    assert "validation perplexity" in proc.stdout and " - 分开" in proc.stdout
+
+    # checkpoints/last.pt: weights-only, with model, vocab, config, step
+    state = load_ckpt(run_dir)  # torch.load(..., weights_only=True)
+    assert state["step"] == STEPS
+    assert isinstance(state["vocab"], list) and isinstance(state["config"], dict)
+    assert config.from_dict(state["config"]).train.max_steps == STEPS
+    corpus = load_corpus(cfg.data)
+    assert state["vocab"] == corpus.vocab.to_list()
+    model = build_model(cfg.model, len(state["vocab"]))
+    model.load_state_dict(state["model"])  # the unwrapped model's keys
+    assert set(state["model"]) == {"W_xh", "W_hh", "b_h", "W_hq", "b_q"}
+
+
+def test_generate_from_the_checkpoint(trained):
+    run_dir, _, _ = trained
+    ckpt = str(run_dir / "checkpoints" / "last.pt")
+    proc = run_cli(["generate", "--checkpoint", ckpt, "--prefix", "分开", "--length", "25"])
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("分开") and len(lines[0]) == 27
+    # the same text as generating in-process from the loaded checkpoint
+    state = load_ckpt(run_dir)
+    cfg = config.from_dict(state["config"])
+    model = build_model(cfg.model, len(state["vocab"]))
+    model.load_state_dict(state["model"])
+    assert lines[0] == generate(model, Vocab(state["vocab"]), "分开", 25)
+    # and the same as at the end of training (greedy, same model)
+    samples = [e for e in read_jsonl(run_dir / "metrics.jsonl") if "samples" in e]
+    assert samples[-1]["samples"][0]["text"][:22] == lines[0][:22]
+
+
+def test_generate_missing_checkpoint_exits_2(tmp_path):
+    proc = run_cli(["generate", "--checkpoint", str(tmp_path / "none.pt"), "--prefix", "分开"],
+                   check=False)
+    assert proc.returncode == 2
+    assert "none.pt' does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_checkpoint_holds_no_code(trained):
+    """weights_only loading refuses pickled objects; ours loads, so it holds only data."""
+    run_dir, _, _ = trained
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in state["model"].values())
