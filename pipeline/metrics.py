@@ -140,6 +140,8 @@ class RunLogger:
         truncate_jsonl(self.path, resume_step)
         self.file = open(self.path, "a", encoding="utf-8")
         self._init_wandb(cfg, cfg_dict, world_size, device, run_id)
+        if self.wandb is not None and resume_step > 0:
+            self._replay(run_id)
 
     def _init_wandb(self, cfg, cfg_dict, world_size, device, run_id):
         from .config import flatten
@@ -169,6 +171,32 @@ class RunLogger:
         self.wandb.define_metric("train/chars")
         self.wandb.define_metric("*", step_metric="train/chars", step_sync=True)
 
+    def _replay(self, run_id: str) -> None:
+        """Re-send the events up to the checkpoint that the killed attempt's wandb lost (its
+        .wandb file is flushed only every 15 s; online, the file stream also lags)."""
+        from .wandb_history import offline_last_step
+
+        if self.wandb.offline:
+            sync_dir = Path(self.wandb.settings.sync_dir)
+            synced = offline_last_step(sync_dir.parent, run_id, exclude=sync_dir)
+        else:
+            synced = max(self.wandb.starting_step - 1, 0)
+        for event in read_jsonl(self.path):  # already truncated to the checkpoint's step
+            if event["step"] > synced:
+                self._to_wandb(event["step"], self._wandb_values(event))
+        self.commit()
+
+    def _wandb_values(self, event: dict) -> dict:
+        out = {k: v for k, v in event.items() if k != "step"
+               and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if "samples" in event:
+            import wandb
+
+            out["samples"] = wandb.Table(columns=["step", "prefix", "text"],
+                                         data=[[event["step"], r["prefix"], r["text"]]
+                                               for r in event["samples"]])
+        return out
+
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
@@ -176,20 +204,12 @@ class RunLogger:
         self.last.update(event)
         self.file.write(json.dumps(event, ensure_ascii=False) + "\n")
         self.file.flush()
-        numbers = {k: v for k, v in event.items() if k != "step"
-                   and isinstance(v, (int, float)) and not isinstance(v, bool)}
-        self._to_wandb(step, numbers)
+        if self.wandb is not None:
+            self._to_wandb(step, self._wandb_values(event))
 
     def samples(self, step: int, rows: list[tuple[str, str]]) -> None:
-        if not self.enabled:
-            return
+        """Generated text at an evaluation: a wandb.Table, and a list in metrics.jsonl."""
         self.log(step, {"samples": [{"prefix": p, "text": t} for p, t in rows]})
-        if self.wandb is not None:
-            import wandb
-
-            table = wandb.Table(columns=["step", "prefix", "text"],
-                                data=[[step, p, t] for p, t in rows])
-            self._to_wandb(step, {"samples": table})
 
     def _to_wandb(self, step: int, data: dict) -> None:
         if self.wandb is None or not data:

@@ -1,0 +1,218 @@
+"""Real offline wandb runs: config and summary, one run per job, resume after a kill,
+disabled/auto modes, no secrets in files; progress lines."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, TINY, load_ckpt, run_cli, sub_env, torchrun
+
+from pipeline.metrics import Progress, read_jsonl, wandb_mode
+from pipeline.wandb_history import attempts, history_steps, read_records
+
+FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"
+SMALL = [*TINY, "data.valid_fraction=0.1", "train.max_steps=12", "train.log_every=4",
+         "train.eval_every=6"]
+
+
+def wandb_env(wandb_dir: Path, **extra) -> dict:
+    env = sub_env(WANDB_DIR=wandb_dir, **extra)
+    env.pop("WANDB_MODE", None)  # the config's logging.wandb.mode decides
+    return env
+
+
+def read_run(path: Path) -> dict:
+    """Run id, config, final summary and history steps of one attempt's .wandb file."""
+    out = {"config": {}, "summary": {}}
+    for record in read_records(path):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            out["id"] = record.run.run_id
+            out["config"] = {i.key: json.loads(i.value_json) for i in record.run.config.update}
+        elif kind == "summary":
+            for item in record.summary.update:
+                out["summary"][item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    out["steps"] = history_steps(path)
+    return out
+
+
+def wandb_files(wandb_dir: Path) -> list[Path]:
+    return sorted(Path(wandb_dir).rglob("run-*.wandb"))
+
+
+@pytest.fixture(scope="module")
+def offline_run(tmp_path_factory):
+    """One real offline run with an API key in the environment (mode offline)."""
+    tmp = tmp_path_factory.mktemp("offline")
+    run_dir, wandb_dir = tmp / "run", tmp / "wandb"
+    proc = run_cli(["train", f"run.dir={run_dir}", *SMALL, "train.checkpoint_every=6",
+                    "logging.wandb.mode=offline", "generate.prefixes=[分开]", "generate.length=5"],
+                   env=wandb_env(wandb_dir, WANDB_API_KEY=FAKE_KEY), timeout=180)
+    return run_dir, wandb_dir, proc
+
+
+def test_offline_run_holds_config_and_final_summary(offline_run):
+    run_dir, wandb_dir, _ = offline_run
+    files = wandb_files(wandb_dir)
+    assert len(files) == 1 and files[0].parent.name.startswith("offline-run-")
+    assert not (run_dir / "wandb").exists()  # WANDB_DIR wins over the run directory
+    run = read_run(files[0])
+    assert run["id"] == load_ckpt(run_dir)["wandb_run_id"]
+    assert run["config"]["model.hidden_size"] == 32  # flattened dotted keys
+    assert run["config"]["train.max_steps"] == 12
+    assert run["config"]["world_size"] == 1 and "torch_version" in run["config"]
+
+    events = read_jsonl(run_dir / "metrics.jsonl")
+    train = [e for e in events if "train/perplexity" in e]
+    val = [e for e in events if "val/perplexity" in e]
+    assert [e["step"] for e in train] == [4, 8, 12] and [e["step"] for e in val] == [6, 12]
+    summary = run["summary"]
+    assert summary["train/perplexity"] == pytest.approx(train[-1]["train/perplexity"], rel=1e-12)
+    assert summary["val/perplexity"] == pytest.approx(val[-1]["val/perplexity"], rel=1e-12)
+    best = min(e["val/perplexity"] for e in val)
+    assert summary["best/val_perplexity"] == pytest.approx(best, rel=1e-9)
+    assert run["steps"] == [4, 6, 8, 12]  # one history row per logged step
+    assert any(k.startswith("samples") for k in summary)  # the wandb.Table of samples
+
+
+def test_api_key_never_written(offline_run):
+    run_dir, wandb_dir, proc = offline_run
+    assert FAKE_KEY not in proc.stdout + proc.stderr
+    written = [p for d in (run_dir, wandb_dir) for p in d.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".pt" for p in written) and any(p.suffix == ".wandb" for p in written)
+    for p in written:
+        assert FAKE_KEY.encode() not in p.read_bytes(), p
+
+
+def test_progress_prints_a_line_per_log_interval(offline_run):
+    _, _, proc = offline_run
+    lines = [ln for ln in proc.stdout.splitlines() if "train perplexity" in ln]
+    assert [ln.split()[1] for ln in lines] == ["4", "8", "12"]
+    assert all("tokens/s" in ln for ln in lines)
+
+
+def test_progress_auto_is_lines_off_a_tty_and_a_bar_on_one(monkeypatch, capsys):
+    metrics = {"train/perplexity": 12.5, "train/loss": 2.5, "opt/grad_norm": 0.1,
+               "perf/tokens_per_s": 1000.0}
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    p = Progress("auto", total=10, initial=0)
+    p.update(5, metrics)
+    assert p.mode == "lines" and "step 5" in sys.stdout.getvalue()
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stdout", Tty())
+    bar = Progress("auto", total=10, initial=0)
+    bar.update(5, metrics)
+    bar.close()
+    assert bar.mode == "bar" and "ppl=12.50" in capsys.readouterr().err
+    assert sys.stdout.getvalue() == ""  # no plain lines next to the bar
+
+
+def test_disabled_writes_nothing_to_wandb_dir(tmp_path):
+    wandb_dir = tmp_path / "wandb"
+    run_cli(["train", f"run.dir={tmp_path / 'run'}", *TINY, "train.max_steps=4",
+             "logging.wandb.mode=disabled"],
+            env=sub_env(WANDB_DIR=wandb_dir, WANDB_MODE="offline"), timeout=120)
+    assert (tmp_path / "run" / "metrics.jsonl").is_file()
+    assert not wandb_dir.exists() or not any(wandb_dir.iterdir())
+    assert not (tmp_path / "run" / "wandb").exists()
+
+
+def test_auto_mode_is_offline_without_credentials(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    assert wandb_mode("auto") == "offline"
+    (tmp_path / "netrc").write_text("machine api.wandb.ai login user password x\n")
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    assert wandb_mode("auto") == "online"
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
+    assert wandb_mode("auto") == "online"
+    assert wandb_mode("disabled") == "disabled"
+
+
+def test_two_ranks_auto_without_credentials_make_one_offline_run(tmp_path):
+    run_dir, wandb_dir = tmp_path / "run", tmp_path / "wandb"
+    env = wandb_env(wandb_dir, HOME=tmp_path, NETRC=tmp_path / "no-netrc")
+    env.pop("WANDB_API_KEY", None)
+    torchrun(2, ["train", f"run.dir={run_dir}", *TINY, "train.max_steps=4", "train.log_every=2",
+                 "logging.wandb.mode=auto"], env=env, timeout=150)
+    files = wandb_files(wandb_dir)
+    assert len(files) == 1 and files[0].parent.name.startswith("offline-run-")
+    run = read_run(files[0])
+    assert run["id"] == load_ckpt(run_dir)["wandb_run_id"]
+    assert run["config"]["world_size"] == 2 and run["steps"] == [2, 4]
+
+
+# Kills itself (SIGKILL, nothing flushed) right after logging step KILL_AT; with
+# WAIT_SYNCED it first waits until wandb's file holds the checkpoint's step.
+KILLER = """
+import os, signal, sys, time
+import pipeline.metrics as m, pipeline.__main__ as cli
+from pipeline.wandb_history import history_steps
+orig = m.RunLogger.log
+def log(self, step, metrics):
+    orig(self, step, metrics)
+    if step >= int(os.environ["KILL_AT"]):
+        if os.environ.get("WAIT_SYNCED"):
+            for _ in range(300):
+                if int(os.environ["WAIT_SYNCED"]) in history_steps(self.wandb.settings.sync_file):
+                    break
+                time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGKILL)
+m.RunLogger.log = log
+sys.exit(cli.main())
+"""
+
+
+@pytest.mark.parametrize("flush", ["lost", "flushed"])
+def test_resume_after_kill_continues_one_run_without_gaps(tmp_path, flush):
+    """Checkpoint at 5, killed after logging 8. `lost`: wandb's file had not been flushed
+    (the default 15 s interval), so the resume re-sends 1..5. `flushed`: it holds exactly
+    1..5 (events after the checkpoint were held back), so nothing is sent twice."""
+    run_dir, wandb_dir = tmp_path / "run", tmp_path / "wandb"
+    args = ["train", f"run.dir={run_dir}", *TINY, "train.max_steps=12", "train.log_every=1",
+            "train.checkpoint_every=5", "train.resume=auto", "logging.wandb.mode=offline"]
+    extra = {"KILL_AT": 8}
+    if flush == "flushed":
+        extra.update(WAIT_SYNCED=5, WANDB__TRANSACTION_LOG_FLUSH_INTERVAL=0.05)
+    env = wandb_env(wandb_dir, **extra)
+    first = subprocess.run([sys.executable, "-c", KILLER, *args], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=180)
+    assert first.returncode == -9, first.stderr
+    assert load_ckpt(run_dir)["step"] == 5
+    assert max(e["step"] for e in read_jsonl(run_dir / "metrics.jsonl")) == 8  # past it
+    (before,) = wandb_files(wandb_dir)
+    assert history_steps(before) == ([] if flush == "lost" else [1, 2, 3, 4, 5])
+
+    env = wandb_env(wandb_dir)
+    run_cli(args, env=env, timeout=180)
+    run_id = load_ckpt(run_dir)["wandb_run_id"]
+    files = attempts(wandb_dir / "wandb", run_id)
+    assert len(files) == 2 and files[0] == before
+    assert wandb_files(wandb_dir) == files  # no other run: one id for both attempts
+    assert read_run(files[1])["id"] == run_id
+    steps = [s for f in files for s in history_steps(f)]
+    assert steps == list(range(1, 13))  # strictly increasing, no gap, no duplicate
+    train_steps = [e["step"] for e in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in e]
+    assert train_steps == list(range(1, 13))
+    times = [e["time/elapsed_s"] for e in read_jsonl(run_dir / "metrics.jsonl")
+             if "train/loss" in e]
+    assert times == sorted(times)  # wall time continues across the resume
+
+
+def test_history_reader_rejects_foreign_files(tmp_path):
+    (tmp_path / "x.wandb").write_bytes(b"not a wandb file")
+    with pytest.raises(ValueError):
+        list(read_records(tmp_path / "x.wandb"))
+    assert os.path.getsize(tmp_path / "x.wandb") > 0
