@@ -37,7 +37,6 @@ from .corpus import Corpus, DataError, cache_dir, sha256_of
 from .vocab import UNK, Vocab
 
 FORMAT = 1  # bump when the layout or the tokenization rule changes: old folders are ignored
-CANONICAL = ("train", "validation", "test")  # names the trainer uses, whatever the dataset calls them
 BATCH = 1000  # documents per map/iteration batch: bounds memory while preparing
 
 
@@ -73,9 +72,13 @@ def open_dataset(data: DataConfig) -> dict:
                             f"(HF_HUB_OFFLINE/HF_DATASETS_OFFLINE=1), so it cannot be downloaded; "
                             f"run once online or point data.path at a local folder") from None
         raise DataError(f"config key 'data.path': could not load '{data.path}': {err}") from None
-    except ValueError as err:  # e.g. an unknown config name
-        raise DataError(f"config key 'data.name': could not load '{data.path}' with config "
-                        f"'{data.name}': {str(err).splitlines()[0]}") from None
+    except datasets.exceptions.DatasetGenerationError as err:
+        raise DataError(f"config key 'data.path': could not read the files of '{data.path}': "
+                        f"{err.__cause__ or err}") from None
+    except ValueError as err:  # e.g. an unknown or a missing config name
+        key = "data.name" if data.name or "config name" in str(err) else "data.path"
+        raise DataError(f"config key '{key}': could not load '{data.path}' (config "
+                        f"'{data.name}'): {str(err).splitlines()[0]}") from None
     out = {}
     for canon, name in split_names(data).items():
         if name not in dd:
@@ -89,6 +92,10 @@ def open_dataset(data: DataConfig) -> dict:
         if data.text_field not in ds.column_names:
             raise DataError(f"config key 'data.text_field': split '{name}' of '{data.path}' has no "
                             f"column '{data.text_field}' (available: {ds.column_names})")
+        feature = ds.features[data.text_field]
+        if getattr(feature, "dtype", None) not in ("string", "large_string"):
+            raise DataError(f"config key 'data.text_field': column '{data.text_field}' of split "
+                            f"'{name}' holds {feature}, not text")
         if ds.num_rows == 0:
             raise DataError(f"split '{name}' of dataset '{data.path}' is empty (0 rows)")
         out[canon] = ds
@@ -119,6 +126,7 @@ def prepared_dir(data: DataConfig, key: str) -> Path:
 def join_batch(texts: list[str], first_index: int, sep: str, newlines: str) -> str:
     """Documents of one batch as they appear in the split's joined text: `sep` precedes every
     document but the split's first, so batches concatenate to sep.join(all documents)."""
+    texts = [t or "" for t in texts]  # a missing (null) text is an empty document
     joined = "".join(t if first_index + j == 0 else sep + t for j, t in enumerate(texts))
     if newlines == "space":  # as corpus.preprocess: the chapter's replace('\n', ' ')
         joined = joined.replace("\n", " ").replace("\r", " ")
@@ -139,24 +147,26 @@ def first_documents(ds, data: DataConfig):
     total, sep = 0, len(data.separator)
     for lo, texts in text_batches(ds, data.text_field):
         for j, t in enumerate(texts):
-            total += len(t) + (sep if lo + j else 0)
+            total += len(t or "") + (sep if lo + j else 0)
             if total >= data.max_chars:
                 return ds.select(range(lo + j + 1))
     return ds
 
 
-def count_chars(ds, data: DataConfig) -> Counter:
-    """Character counts of the split's joined text (its first max_chars characters)."""
+def count_chars(ds, data: DataConfig) -> tuple[Counter, int]:
+    """Character counts of the split's joined text (its first max_chars characters), and how
+    many of the documents' own characters (not separators) the split has at all."""
     counts: Counter = Counter()
-    left = data.max_chars or float("inf")
+    left, doc_chars = data.max_chars or float("inf"), 0
     for lo, texts in text_batches(ds, data.text_field):
+        doc_chars += sum(len(t or "") for t in texts)
         text = join_batch(texts, lo, data.separator, data.newlines)
         text = text[: int(min(left, len(text)))]
         counts.update(text)
         left -= len(text)
         if left <= 0:
             break
-    return counts
+    return counts, doc_chars
 
 
 def lookup_table(vocab: Vocab) -> np.ndarray:
@@ -191,7 +201,10 @@ def tokenize(ds, data: DataConfig, lut: np.ndarray, n_vocab: int, dtype: np.dtyp
         fn_kwargs=dict(field=data.text_field, sep=data.separator, newlines=data.newlines,
                        lut=lut, n_vocab=n_vocab, dtype=dtype),
         cache_file_name=str(work / f"{name}.arrow"), load_from_cache_file=False,
-        new_fingerprint=f"lyrics-rnn-{work.name}-{name}", desc=f"tokenize {name}")
+        # our own fingerprint: datasets need not hash the lookup table (and keeps it short,
+        # as datasets appends per-worker suffixes to it)
+        new_fingerprint=hashlib.sha256(f"{work}/{name}".encode()).hexdigest()[:32],
+        desc=f"tokenize {name}")
 
 
 def write_ids(mapped, path: Path, limit: int) -> dict:
@@ -202,8 +215,9 @@ def write_ids(mapped, path: Path, limit: int) -> dict:
             ids = chunk.flatten().to_numpy()
             if limit:
                 ids = ids[: max(0, limit - n)]
-            f.write(memoryview(np.ascontiguousarray(ids)))
-            h.update(memoryview(np.ascontiguousarray(ids)))
+            buf = memoryview(np.ascontiguousarray(ids))
+            f.write(buf)
+            h.update(buf)
             n += len(ids)
         f.flush()
         os.fsync(f.fileno())
@@ -214,7 +228,13 @@ def build(data: DataConfig, splits: dict, folder: Path, inputs: dict) -> dict:
     """Tokenize every split into `folder` (atomically: a temporary folder renamed into place)."""
     t0 = time.perf_counter()
     parts = {k: first_documents(ds, data) for k, ds in splits.items()}
-    counts = {k: count_chars(ds, data) for k, ds in parts.items()}
+    counts = {}
+    for name, ds in parts.items():
+        counts[name], doc_chars = count_chars(ds, data)
+        if doc_chars == 0:
+            raise DataError(f"split '{split_names(data)[name]}' of dataset '{data.path}' is "
+                            f"empty: its {ds.num_rows} rows have no text in column "
+                            f"'{data.text_field}'")
     extra = set().union(*(c.keys() for k, c in counts.items() if k != "train"))
     vocab = Vocab.build(counts["train"], data.min_freq, data.max_vocab, extra=extra)
     lut, dtype = lookup_table(vocab), vocab.dtype()
@@ -229,9 +249,6 @@ def build(data: DataConfig, splits: dict, folder: Path, inputs: dict) -> dict:
             del mapped
             for p in work.glob(f"{name}*.arrow"):  # map's own output, no longer needed
                 p.unlink()
-            if info["length"] == 0:
-                raise DataError(f"split '{split_names(data)[name]}' of dataset '{data.path}' "
-                                f"has no characters in column '{data.text_field}'")
             meta["splits"][name] = {**info, "documents": ds.num_rows}
         seconds = time.perf_counter() - t0
         chars = sum(s["length"] for s in meta["splits"].values())
@@ -245,9 +262,12 @@ def build(data: DataConfig, splits: dict, folder: Path, inputs: dict) -> dict:
 
 
 def _replace_dir(src: Path, dest: Path) -> None:
-    """Rename `src` to `dest`, moving a (damaged) `dest` aside first. If another process
-    (another node on a shared file system) renamed an identical folder in between, keep it."""
+    """Rename `src` to `dest`, moving a damaged `dest` aside first. An intact `dest` was built
+    meanwhile by another node on a shared file system (same key, same bytes): keep it, since
+    its ranks may be reading it already."""
     if dest.exists():
+        if verify(dest, full=True) is not None:
+            return
         aside = dest.with_name(f"{dest.name}.old-{os.getpid()}")
         os.rename(dest, aside)
         shutil.rmtree(aside, ignore_errors=True)
