@@ -11,7 +11,7 @@
 # so run.dir should be on a shared filesystem.
 set -euo pipefail
 : "${NNODES:?set NNODES, the number of nodes}"
-: "${NODE_RANK:?set NODE_RANK, this node's index (0 .. NNODES-1)}"
+: "${NODE_RANK:?set NODE_RANK, the index of this node (0 .. NNODES-1)}"
 : "${MASTER_ADDR:?set MASTER_ADDR, the rendezvous host every node can reach}"
 MASTER_PORT="${MASTER_PORT:-29500}"
 RDZV_ID="${RDZV_ID:-lyrics-rnn}"
@@ -19,6 +19,12 @@ TORCHRUN="${TORCHRUN:-torchrun}"
 NPROC="${NPROC_PER_NODE:-auto}"
 if [ "$NPROC" = "auto" ]; then
   NPROC=$(python -c 'import torch; print(torch.cuda.device_count() or 1)')
+fi
+# torchrun gives every rank OMP_NUM_THREADS=1 when it starts several; give each its share of
+# the cores instead (an OMP_NUM_THREADS set by the user wins).
+if [ -z "${OMP_NUM_THREADS:-}" ]; then
+  OMP_NUM_THREADS=$(( $(nproc) / NPROC )); [ "$OMP_NUM_THREADS" -ge 1 ] || OMP_NUM_THREADS=1
+  export OMP_NUM_THREADS
 fi
 exec "$TORCHRUN" --nnodes="$NNODES" --node_rank="$NODE_RANK" --nproc_per_node="$NPROC" \
   --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$RDZV_ID" \
