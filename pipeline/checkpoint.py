@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import zipfile
 from pathlib import Path
 
 import torch
@@ -76,13 +77,23 @@ def load(path: str | Path, map_location="cpu") -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"checkpoint '{path}' cannot be loaded safely "
-                              f"(truncated, corrupt or not a weights-only file): {first}") from None
+        raise CheckpointError(f"checkpoint '{path}' cannot be loaded: {_why(path, err)}") from None
     if not isinstance(state, dict) or "model" not in state or "vocab" not in state:
         raise CheckpointError(f"checkpoint '{path}' is not a checkpoint of this pipeline "
                               f"(no 'model'/'vocab' entries)")
     return state
+
+
+def _why(path: Path, err: Exception) -> str:
+    """torch's message, reduced to the cause: damaged archive, or a pickled callable."""
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip; its directory is at the end
+        return "truncated or corrupt (not a complete torch.save archive)"
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+    if found:
+        return (f"it holds a pickled object ({found.group(1)}) that could run code when "
+                f"loaded; checkpoints hold only tensors and plain values (weights-only)")
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(err).__name__
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -119,8 +130,12 @@ def load_latest_good(run_dir: Path, warn=print) -> tuple[Path, dict] | None:
 
 
 def prune(run_dir: Path, keep: int) -> None:
+    """Keep the newest `keep` periodic checkpoints. Also removes temporary files of writers
+    killed mid-save: called by the only writer (rank 0) between its own saves."""
     for old in periodic(run_dir)[keep:]:
         old.unlink(missing_ok=True)
+    for partial in checkpoint_dir(run_dir).glob("*.tmp"):
+        partial.unlink(missing_ok=True)
 
 
 def check_compatible(state: dict, cfg_dict: dict, vocab: list[str], path: Path) -> None:

@@ -92,6 +92,7 @@ class TrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     schedule: str = "constant"  # constant | cosine (linear warmup, cosine decay to min_lr)
     warmup_steps: int = 0
+    schedule_steps: int = 0  # steps the cosine spans; 0 = max_steps, else epochs x minibatches
     min_lr_ratio: float = 0.1
     clip: float = 0.01  # clip by global gradient norm (the chapter's theta); 0 disables
     amp: str = "off"  # off | bf16 | fp16 | auto
@@ -169,7 +170,8 @@ NON_NEGATIVE = ("train.max_steps", "train.log_every", "train.eval_every",
                 "train.checkpoint_every", "train.keep_checkpoints", "data.max_chars",
                 "data.max_vocab", "train.warmup_steps", "train.clip", "train.lr",
                 "generate.length", "generate.top_k", "generate.temperature", "eval.num_steps",
-                "train.time_limit", "train.threads", "model.embedding_size")
+                "train.time_limit", "train.threads", "model.embedding_size",
+                "train.schedule_steps")
 
 
 def _explain(err: OmegaConfBaseException) -> ConfigError:

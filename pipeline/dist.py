@@ -48,9 +48,15 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
 def _restart_store(timeout: timedelta):
     """torch 2.13's elastic agent shares its TCPStore with the workers, so restarted workers
     can read the previous attempt's gloo peer addresses ("Gloo connectFullMesh failed").
-    Namespacing the store by the restart count gives every attempt fresh keys."""
+    Namespacing the store by the restart count gives every attempt fresh keys.
+    Only for a shared agent store: with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (recommended for
+    several nodes) worker rank 0 hosts a fresh store every round and env:// init is right.
+    On several nodes the counts can differ (a node whose worker was still alive restarts for
+    the membership change, keeping its count), and the attempt then hangs: hence the flag."""
     restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
     if restart is None or "MASTER_ADDR" not in os.environ:
+        return None
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
                           is_master=False, timeout=timeout)

@@ -16,6 +16,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +61,22 @@ def lr_at(cfg, step: int, total_steps: int) -> float:
         return cfg.lr
     frac = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def schedule_steps(tcfg, epoch_size: int) -> int:
+    """Steps the LR schedule spans: its own key, so that a run stopped by train.max_steps and
+    continued with a larger one can keep one cosine curve (set it to the final length)."""
+    return tcfg.schedule_steps or tcfg.max_steps or tcfg.epochs * epoch_size
+
+
+def warn_schedule_change(saved_train: dict, tcfg, epoch_size: int, log) -> None:
+    """Resuming under another cosine length changes the LR from here on: allowed, not silent."""
+    was = schedule_steps(SimpleNamespace(**{"schedule_steps": 0, **saved_train}), epoch_size)
+    now = schedule_steps(tcfg, epoch_size)
+    if tcfg.schedule == "cosine" and was != now:
+        log(f"warning: the cosine LR schedule spanned {was} steps in the checkpoint and spans "
+            f"{now} now, so the learning rate differs from here on; set "
+            f"train.schedule_steps={was} to keep the saved schedule")
 
 
 def clip_grad_global(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
@@ -156,7 +173,7 @@ def training_state(model, optimizer, amp, pos, hidden, vocab, cfg_dict, run_id, 
     """Collective: gathers every rank's hidden state and dropout RNG."""
     hidden_global = []
     if sampling == "consecutive" and pos.batch > 0:
-        hidden_global = [dist.all_gather_cat(h, dim=1).cpu() for h in hidden]
+        hidden_global = [dist.all_gather_cat(h.detach(), dim=1).cpu() for h in hidden]
     rng = torch.get_rng_state()
     rngs = dist.all_gather_cat(rng.to(ctx.device).unsqueeze(0), dim=0).cpu()
     return {
@@ -254,6 +271,7 @@ def _train(cfg: Config, ctx: dist.DistContext) -> dict:
         if saved["hidden"]:
             hidden = restore_hidden(saved["hidden"], ctx, streams.b)
         restore_rng(saved, ctx, tcfg.seed)
+        warn_schedule_change(saved["config"]["train"], tcfg, streams.epoch_size, log)
         run_id, best_val = saved.get("wandb_run_id", ""), saved.get("best_val_loss", math.inf)
         log(f"resumed from '{path}' at step {pos.step} (epoch {pos.epoch}, "
             f"minibatch {pos.batch}; saved with {saved.get('world_size')} ranks)")
@@ -265,6 +283,7 @@ def _train(cfg: Config, ctx: dist.DistContext) -> dict:
     params = list(model.parameters())
 
     total_steps = tcfg.max_steps or tcfg.epochs * streams.epoch_size
+    lr_steps = schedule_steps(tcfg, streams.epoch_size)
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(config_mod.dump(cfg), encoding="utf-8")
@@ -338,7 +357,7 @@ def _train(cfg: Config, ctx: dist.DistContext) -> dict:
                     hidden = detach_state(hidden)  # carried across minibatches, graph cut
                 x_BT, y_BT = streams.batch(pos.epoch, i)
                 for group in optimizer.param_groups:
-                    group["lr"] = lr_at(tcfg, pos.step, total_steps)
+                    group["lr"] = lr_at(tcfg, pos.step, lr_steps)
                 loss, norm, hidden = train_step(train_model, params, x_BT, y_BT, hidden,
                                                 optimizer, amp, tcfg.clip)
                 acc.add(loss, x_BT.numel(), norm, tcfg.clip)

@@ -1,0 +1,156 @@
+"""Resuming loses nothing: K steps straight == k steps, stop, resume, K - k steps, bit for bit
+on CPU; the same after a damaged last.pt (fallback) and after SIGTERM (preemption, exit 75).
+train.resume=never protects a run directory; incompatible state is an error (exit 2).
+
+Runs are in-process (`pipeline.__main__.main`), except the preempted one, which needs a
+process to signal. k = 25 is in the middle of the first epoch (37 minibatches of
+data.max_chars=1200); the resumed part crosses an epoch boundary.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT, TINY, load_ckpt, sub_env
+
+from pipeline.__main__ import main
+from pipeline.train import PREEMPTED_EXIT
+
+K, k, EPOCH = 60, 25, 37
+BASE = [*TINY, "data.max_chars=1200", "train.epochs=5", "train.log_every=20"]
+LSTM = ["model.kind=lstm", "model.num_layers=2", "model.dropout=0.3", "train.optimizer=adam",
+        "train.lr=0.01"]
+CASES = {
+    # the chapter's model; the hidden state of every stream is carried across the stop
+    "consecutive": ["train.sampling=consecutive"],
+    # cosine with warmup: train.schedule_steps fixes its length whatever max_steps says
+    "random_cosine": ["train.sampling=random", "train.schedule=cosine", "train.warmup_steps=5",
+                      f"train.schedule_steps={K}"],
+    # dropout between the layers and before the output: the per-rank RNG must be restored;
+    # a validation split evaluates (model.eval()) at the stop and at the epoch end
+    "consecutive_dropout": ["train.sampling=consecutive", *LSTM, "data.valid_fraction=0.1"],
+    "random_dropout": ["train.sampling=random", *LSTM],
+}
+
+
+def train(run_dir, *overrides) -> int:
+    return main(["train", *BASE, f"run.dir={run_dir}", *overrides])
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The uninterrupted K-step run of a case (computed once per case)."""
+    root, done = tmp_path_factory.mktemp("straight"), {}
+
+    def get(case: str) -> dict:
+        if case not in done:
+            assert train(root / case, *CASES[case], f"train.max_steps={K}") == 0
+            done[case] = load_ckpt(root / case)
+        return done[case]
+    return get
+
+
+def assert_same_params(a: dict, b: dict) -> None:
+    assert a["step"] == b["step"] == K
+    unequal = [n for n in a["model"] if not torch.equal(a["model"][n], b["model"][n])]
+    assert not unequal, f"parameters differ: {unequal}"
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_stop_and_resume_equals_straight_run(straight, tmp_path, capsys, case):
+    assert train(tmp_path, *CASES[case], f"train.max_steps={k}") == 0
+    mid = load_ckpt(tmp_path)
+    assert (mid["step"], mid["epoch"], mid["batch_in_epoch"]) == (k, 0, k)
+    if "consecutive" in case:  # the GLOBAL state: (layers, batch_size, hidden) per tensor
+        assert [tuple(h.shape) for h in mid["hidden"]] == \
+            [(2 if "dropout" in case else 1, 4, 32)] * (2 if "dropout" in case else 1)
+    capsys.readouterr()
+    assert train(tmp_path, *CASES[case], f"train.max_steps={K}") == 0  # resume=auto
+    assert f"resumed from '{tmp_path / 'checkpoints' / 'last.pt'}' at step {k}" in \
+        capsys.readouterr().out
+    assert_same_params(load_ckpt(tmp_path), straight(case))
+
+
+def test_damaged_last_falls_back_to_newest_good_and_says_so(straight, tmp_path, capsys):
+    case = CASES["consecutive"]
+    assert train(tmp_path, *case, f"train.max_steps={k}", "train.checkpoint_every=10") == 0
+    last = tmp_path / "checkpoints" / "last.pt"
+    last.write_bytes(last.read_bytes()[:1000])  # truncated, as by a full disk
+    capsys.readouterr()
+    assert train(tmp_path, *case, f"train.max_steps={K}", "train.checkpoint_every=10") == 0
+    out = capsys.readouterr().out
+    assert f"checkpoint '{last}' cannot be loaded: truncated or corrupt" in out
+    assert "falling back to" in out and "step_00000020.pt" in out
+    assert "at step 20 (epoch 0, minibatch 20" in out
+    assert_same_params(load_ckpt(tmp_path), straight("consecutive"))
+
+
+def test_sigterm_saves_exits_75_and_resumes_exactly(straight, tmp_path, capsys):
+    """Preemption of a real process; with dropout, so the saved RNG matters too."""
+    case = CASES["consecutive_dropout"]
+    cmd = [sys.executable, "-m", "pipeline", "train", *BASE, f"run.dir={tmp_path}", *case,
+           f"train.max_steps={K}", "train.checkpoint_every=2"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=sub_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    first = tmp_path / "checkpoints" / "step_00000002.pt"
+    deadline = time.monotonic() + 240
+    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)  # the handler is installed before the first save
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == PREEMPTED_EXIT, out
+    saved = load_ckpt(tmp_path)
+    assert 2 <= saved["step"] < K, "the signal came too late to test anything"
+    assert f"preempted: saved step {saved['step']}" in out
+    capsys.readouterr()
+    assert train(tmp_path, *case, f"train.max_steps={K}", "train.checkpoint_every=2") == 0
+    assert f"at step {saved['step']}" in capsys.readouterr().out
+    assert_same_params(load_ckpt(tmp_path), straight("consecutive_dropout"))
+
+
+def test_resume_never_protects_the_run_dir(straight, tmp_path, capsys):
+    case = CASES["consecutive"]
+    assert train(tmp_path, *case, f"train.max_steps={k}") == 0
+    capsys.readouterr()
+    assert train(tmp_path, *case, f"train.max_steps={K}", "train.resume=never") == 2
+    err = capsys.readouterr().err
+    assert f"run directory '{tmp_path}' already holds a run" in err and "run.overwrite" in err
+    assert load_ckpt(tmp_path)["step"] == k  # untouched
+    assert train(tmp_path, *case, f"train.max_steps={K}", "train.resume=never",
+                 "run.overwrite=true") == 0
+    assert "resumed from" not in capsys.readouterr().out
+    assert_same_params(load_ckpt(tmp_path), straight("consecutive"))  # a fresh start
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("saved")
+    assert train(run_dir, *CASES["consecutive"], "train.max_steps=3") == 0
+    return run_dir
+
+
+@pytest.mark.parametrize("override,named", [
+    ("train.batch_size=8", "train.batch_size=4"), ("train.num_steps=4", "train.num_steps=8"),
+    ("train.sampling=random", "train.sampling='consecutive'"),
+    ("model.hidden_size=16", "model.hidden_size=32"),
+    ("model.kind=gru", "model.kind='rnn_scratch'"),
+    ("data.newlines=keep", "a different vocabulary")])
+def test_incompatible_state_is_exit_2_naming_it(saved_run, capsys, override, named):
+    capsys.readouterr()
+    assert train(saved_run, *CASES["consecutive"], "train.max_steps=6", override) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint '{saved_run / 'checkpoints' / 'last.pt'}' has" in err and named in err
+
+
+def test_other_cosine_length_is_said(tmp_path, capsys):
+    cosine = ["train.schedule=cosine", "train.max_steps=3"]
+    assert train(tmp_path, *CASES["consecutive"], *cosine) == 0
+    capsys.readouterr()
+    assert train(tmp_path, *CASES["consecutive"], *cosine, "train.max_steps=5") == 0
+    assert ("cosine LR schedule spanned 3 steps in the checkpoint and spans 5 now"
+            in capsys.readouterr().out)
