@@ -7,6 +7,8 @@ module: DDP would otherwise broadcast it as a buffer, and each rank carries its 
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,11 +18,53 @@ from .config import ConfigError, ModelConfig
 State = tuple[torch.Tensor, ...]
 
 
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """The autocast dtype when autocast is on for `device`, else float32."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return torch.float32
+
+
+class TanhRecurrence(torch.autograd.Function):
+    """h_t = tanh(xw_t + h_{t-1} W_hh) for t = 1..T, all in one autograd node.
+
+    Autograd through a Python loop records two nodes per step and accumulates dW_hh with one
+    small product per step. Here the backward loop carries only dh (one (B,H)x(H,H) product a
+    step) and dW_hh = H_prev^T dPre is ONE (H, T*B) x (T*B, H) product after the loop. Inputs
+    arrive in the compute dtype (bf16/fp16 under autocast): no casts inside the loop.
+    """
+
+    @staticmethod
+    def forward(ctx, xw_TBH, h0_BH, W_hh):
+        h_TBH = torch.empty_like(xw_TBH)
+        h_BH = h0_BH
+        for t in range(xw_TBH.shape[0]):
+            h_BH = torch.tanh(torch.addmm(xw_TBH[t], h_BH, W_hh), out=h_TBH[t])
+        ctx.save_for_backward(h0_BH, W_hh, h_TBH)
+        return h_TBH
+
+    @staticmethod
+    def backward(ctx, g_TBH):
+        h0_BH, W_hh, h_TBH = ctx.saved_tensors
+        dpre_TBH = torch.empty_like(h_TBH)
+        W_t = W_hh.t().contiguous()
+        carry_BH = torch.zeros_like(h0_BH)  # d loss / d h_t from step t+1
+        for t in range(h_TBH.shape[0] - 1, -1, -1):
+            h_BH = h_TBH[t]
+            dh_BH = g_TBH[t] + carry_BH
+            torch.mul(dh_BH, 1 - h_BH * h_BH, out=dpre_TBH[t])  # tanh' = 1 - h^2
+            carry_BH = dpre_TBH[t] @ W_t
+        hprev_TBH = torch.cat([h0_BH.unsqueeze(0), h_TBH[:-1]])
+        dW_hh = hprev_TBH.flatten(0, 1).t() @ dpre_TBH.flatten(0, 1)
+        return dpre_TBH, carry_BH, dW_hh
+
+
 class ScratchRNN(nn.Module):
     """The chapter's model: H_t = tanh(X_t W_xh + H_{t-1} W_hh + b_h), O_t = H_t W_hq + b_q,
     with normal(0, 0.01) weights and zero biases. X_t is one-hot, so X_t W_xh is row x_t of
     W_xh: the input projection is gathered for all steps at once, and the output layer is
-    one matrix product over all steps; only H_{t-1} W_hh stays inside the time loop."""
+    one matrix product over all steps; only H_{t-1} W_hh stays inside the time loop, run by
+    TanhRecurrence (one autograd node, hand-written backward)."""
 
     def __init__(self, vocab_size: int, hidden_size: int, init_std: float = 0.01):
         super().__init__()
@@ -39,15 +83,13 @@ class ScratchRNN(nn.Module):
         return (torch.zeros(1, batch_size, self.hidden_size, device=device),)
 
     def forward(self, x_BT: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        dtype = compute_dtype(x_BT.device)
         xw_TBH = F.embedding(x_BT.t(), self.W_xh) + self.b_h  # == one_hot(x) @ W_xh + b_h
-        h_BH = state[0][0]
-        hs = []
-        for xw_BH in xw_TBH.unbind(0):
-            h_BH = torch.tanh(torch.addmm(xw_BH, h_BH, self.W_hh))
-            hs.append(h_BH)
-        h_TBH = torch.stack(hs)
-        logits_TBV = torch.matmul(h_TBH, self.W_hq) + self.b_q
-        return logits_TBV, (h_BH.unsqueeze(0),)
+        h_TBH = TanhRecurrence.apply(xw_TBH.to(dtype), state[0][0].to(dtype),
+                                     self.W_hh.to(dtype))
+        T, B, H = h_TBH.shape
+        logits_TBV = torch.addmm(self.b_q, h_TBH.view(T * B, H), self.W_hq).view(T, B, -1)
+        return logits_TBV, (h_TBH[-1].float().unsqueeze(0),)
 
 
 class TorchRNN(nn.Module):
@@ -86,9 +128,12 @@ class TorchRNN(nn.Module):
 
 def build_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
     if cfg.kind == "rnn_scratch":
-        if cfg.dropout or cfg.tie_weights or cfg.embedding_size:
-            raise ConfigError("model.kind=rnn_scratch is the chapter's model: it takes no "
-                              "model.dropout, model.tie_weights or model.embedding_size")
+        ignored = [f"model.{k}={v}" for k, v in (("num_layers", cfg.num_layers),
+                   ("dropout", cfg.dropout), ("embedding_size", cfg.embedding_size),
+                   ("tie_weights", cfg.tie_weights)) if v and not (k == "num_layers" and v == 1)]
+        if ignored:  # any config runs with any model.kind; say what does not apply
+            warnings.warn("model.kind=rnn_scratch is the chapter's one-layer model without "
+                          f"dropout or embedding; ignoring {', '.join(ignored)}", stacklevel=2)
         return ScratchRNN(vocab_size, cfg.hidden_size, cfg.init_std)
     return TorchRNN(cfg.kind, vocab_size, cfg.hidden_size, cfg.num_layers, cfg.dropout,
                     cfg.embedding_size, cfg.tie_weights)

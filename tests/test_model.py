@@ -140,9 +140,12 @@ def test_torch_models_options():
         TorchRNN("lstm", V, H, embedding_size=8, tie_weights=True)
 
 
-def test_scratch_rejects_options_it_does_not_have():
-    with pytest.raises(ConfigError, match="rnn_scratch"):
-        build_model(ModelConfig(kind="rnn_scratch", dropout=0.2), V)
+def test_scratch_says_which_options_it_ignores():
+    """Any config runs with model.kind=rnn_scratch (the chapter's one-layer model): options it
+    has no use for are named in a warning, and the model is the chapter's."""
+    with pytest.warns(UserWarning, match=r"ignoring model.num_layers=2, model.dropout=0.2"):
+        m = build_model(ModelConfig(kind="rnn_scratch", num_layers=2, dropout=0.2), V)
+    assert isinstance(m, ScratchRNN) and m.init_state(B, torch.device("cpu"))[0].shape[0] == 1
 
 
 def test_dropout_only_in_training_mode():

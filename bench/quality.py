@@ -1,0 +1,128 @@
+"""Quality within a wall-clock budget: train the CPU recipe, then report held-out numbers.
+
+    python -m bench.quality                       # configs/songci_cpu.yaml, 600 s, 1 process
+    python -m bench.quality --nproc 2 --budget 300 --config configs/songci_cpu.yaml
+    make bench-quality
+
+Trains with `train.time_limit=BUDGET` (training time; start-up, data preparation and the
+final evaluation are not counted), evaluates `checkpoints/best.pt` over the whole validation
+and test splits (`python -m pipeline eval`), generates samples for a few prefixes, prints it
+all and appends a section to docs/benchmarks.md (unless --no-write).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "benchmarks.md"
+
+
+def sh(cmd: list[str], env: dict) -> str:
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                 f"{proc.stderr[-3000:]}")
+    return proc.stdout
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="configs/songci_cpu.yaml")
+    ap.add_argument("--budget", type=float, default=600.0, help="training seconds")
+    ap.add_argument("--nproc", type=int, default=1, help="ranks (torchrun when > 1)")
+    ap.add_argument("--prefixes", default="春风,明月,分开")
+    ap.add_argument("--run-dir", default="")
+    ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args(argv)
+
+    run_dir = Path(args.run_dir or tempfile.mkdtemp(prefix="quality_"))
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    py = sys.executable
+    train = ["-m", "pipeline", "train", "--config", args.config, f"run.dir={run_dir}",
+             "train.resume=never", "run.overwrite=true", f"train.time_limit={args.budget}",
+             "logging.wandb.mode=disabled", *args.overrides]
+    if args.nproc > 1:
+        cmd = [str(Path(py).with_name("torchrun")), "--standalone",
+               f"--nproc_per_node={args.nproc}", *train]
+    else:
+        cmd = [py, *train]
+    t0 = time.time()
+    sh(cmd, env)
+    wall = time.time() - t0
+    events = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_ev = [e for e in events if "train/loss" in e]
+    last = train_ev[-1]
+    best = run_dir / "checkpoints" / "best.pt"
+    ckpt = best if best.exists() else run_dir / "checkpoints" / "last.pt"
+    evals = {}
+    for split in ("validation", "test"):
+        out = sh([py, "-m", "pipeline", "eval", "--checkpoint", str(ckpt), "--split", split,
+                  "--device", "cpu"], env)
+        evals[split] = json.loads(out.strip().splitlines()[-1])
+    samples = []
+    for prefix in args.prefixes.split(","):
+        out = sh([py, "-m", "pipeline", "generate", "--checkpoint", str(ckpt), "--prefix",
+                  prefix, "--length", "60", "--temperature", "0.8", "--top-k", "20",
+                  "--seed", "0"], env)
+        samples.append(out.strip())
+    result = {
+        "config": args.config, "overrides": args.overrides, "nproc": args.nproc,
+        "budget_s": args.budget, "train_time_s": last.get("time/elapsed_s"),
+        "wall_s": round(wall, 1), "steps": last["step"], "chars_seen": last.get("train/chars"),
+        "tokens_per_s": sum(e["perf/tokens_per_s"] for e in train_ev[-5:]) / min(5, len(train_ev)),
+        "checkpoint": ckpt.name, "checkpoint_step": evals["validation"]["step"],
+        "val": evals["validation"], "test": evals["test"], "samples": samples,
+    }
+    print(json.dumps(result, ensure_ascii=False, indent=1))
+    if not args.no_write:
+        append_doc(result, argv if argv is not None else sys.argv[1:])
+    return 0
+
+
+def append_doc(r: dict, argv: list[str]) -> None:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = os.getloadavg()[0]
+    text = [
+        f"\n### {r['config']}, {r['budget_s']:.0f} s, {r['nproc']} process(es) "
+        f"({time.strftime('%Y-%m-%d %H:%M')})\n",
+        f"Command: `python -m bench.quality {' '.join(argv)}`. Machine: {cpu}, "
+        f"{os.cpu_count()} cores, torch {torch.__version__}, load average {load:.1f} at the "
+        f"end.\n",
+        "| split | loss (nats) | perplexity | bits/char | characters |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for split in ("val", "test"):
+        e = r[split]
+        text.append(f"| {split} | {e['loss']:.4f} | {e['perplexity']:.1f} | {e['bpc']:.3f} | "
+                    f"{int(e['tokens']):,} |")
+    text.append(f"\n{r['steps']} steps, {r['chars_seen']:,} training characters seen, "
+                f"{r['tokens_per_s']:,.0f} tokens/s at the end, checkpoint `{r['checkpoint']}` "
+                f"(step {r['checkpoint_step']}); {r['wall_s']:.0f} s wall in all.\n")
+    text.append("Samples (temperature 0.8, top-k 20, seed 0):\n")
+    for s in r["samples"]:
+        text.append("```\n" + s + "\n```")
+    with open(DOC, "a", encoding="utf-8") as f:
+        f.write("\n".join(text) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

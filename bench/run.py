@@ -1,0 +1,323 @@
+"""Benchmarks against the chapter's code: throughput, DDP weak scaling, seed parity.
+
+    make bench                                   # = python -m bench.run: throughput + DDP
+    python -m bench.run --quick                  # smoke test (seconds, numbers meaningless)
+    python -m bench.run --parity                 # the three seed configs, 250 epochs, fp32+bf16
+    python -m bench.run --compile                # add torch.compile rows
+
+Throughput variants run in ONE process, in alternating rounds (every round visits every
+variant for the same number of minibatches), so that load from other processes on the machine
+hits all of them alike; we report per-variant medians over rounds and ratios to the seed
+reference. Each variant keeps training across rounds (no restart cost in the numbers).
+Tokens/s is given twice: wall clock (what a user waits for) and per CPU-second of this
+process (process_time; robust when other jobs share the cores, since time spent waiting for
+a core is not counted). Results go to bench/results.json (sections merged, so --parity does
+not erase the throughput numbers) and to the marked tables of docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("PIPELINE_DATA_DIR", str(ROOT.parent / "shared" / "data"))
+
+from bench import report  # noqa: E402
+from bench.seed_reference import SeedTrainer  # noqa: E402
+from pipeline import config as config_mod  # noqa: E402
+from pipeline.amp import Amp  # noqa: E402
+from pipeline.corpus import load_corpus  # noqa: E402
+from pipeline.metrics import TrainAccumulator, read_jsonl  # noqa: E402
+from pipeline.model import build_model, detach_state  # noqa: E402
+from pipeline.streams import make_train_streams  # noqa: E402
+from pipeline.train import build_optimizer, lr_at, train_step  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results.json"
+DOCS = ROOT / "docs" / "benchmarks.md"
+CEILING_FP32 = 100_000  # tokens/s: ~2 MFLOP/token at ~200 GFLOP/s (see docs/benchmarks.md)
+CHAPTER_PPL = {"seed_scratch_random": 1.32, "seed_scratch_consecutive": 1.18, "seed_concise": 1.03}
+
+
+# ---------------------------------------------------------------- variants
+
+
+class PipelineVariant:
+    """The body of pipeline.train's loop (state carry, lr, train_step, device-side metrics),
+    in-process on one config, so rounds can alternate with other variants."""
+
+    def __init__(self, config: str, overrides: list[str], device: str = "cpu"):
+        cfg = config_mod.load(str(ROOT / config), overrides)
+        self.tcfg = t = cfg.train
+        self.device = torch.device(device)
+        corpus = load_corpus(cfg.data)
+        self.streams = make_train_streams(corpus.splits["train"], t.sampling, t.batch_size,
+                                          t.num_steps, 0, 1, self.device, t.seed)
+        torch.manual_seed(t.seed)
+        self.model = build_model(cfg.model, len(corpus.vocab)).to(self.device)
+        self.params = list(self.model.parameters())
+        self.train_model = torch.compile(self.model) if t.compile else self.model
+        self.optimizer = build_optimizer(t, self.model)
+        self.amp = Amp(t.amp, self.device)
+        self.acc = TrainAccumulator(self.device)
+        self.i, self.step_no, self.hidden = 0, 0, None
+
+    def step(self) -> int:
+        s, t = self.streams, self.tcfg
+        if self.i == 0 or t.sampling == "random":
+            self.hidden = self.model.init_state(s.b, self.device)
+        else:
+            self.hidden = detach_state(self.hidden)
+        x_BT, y_BT = s.batch(0, self.i)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(t, self.step_no, 10**9)
+        loss, norm, self.hidden = train_step(self.train_model, self.params, x_BT, y_BT,
+                                             self.hidden, self.optimizer, self.amp, t.clip)
+        self.acc.add(loss, x_BT.numel(), norm, t.clip)
+        self.i = (self.i + 1) % s.epoch_size
+        self.step_no += 1
+        return x_BT.numel()
+
+    def sync(self) -> dict:
+        return self.acc.reduce(1)  # the log-interval read: the only host sync
+
+
+class SeedVariant:
+    def __init__(self, device: str = "cpu"):
+        self.trainer = SeedTrainer(device)
+
+    def step(self) -> int:
+        return self.trainer.step()
+
+    def sync(self) -> dict:
+        return {}
+
+
+SCRATCH = "configs/seed_scratch_consecutive.yaml"
+CONCISE = "configs/seed_concise.yaml"
+
+
+def variants(args) -> dict:
+    rows = {"seed reference (chapter loop, fp32)": SeedVariant}
+    amps = ("off", "bf16", "fp16") if args.device == "cuda" else ("off", "bf16")
+    for amp in amps:
+        name = "fp32" if amp == "off" else amp
+        rows[f"rnn_scratch {name}"] = (SCRATCH, [f"train.amp={amp}"])
+        if args.compile:
+            rows[f"rnn_scratch {name} compiled"] = (SCRATCH, [f"train.amp={amp}",
+                                                              "train.compile=true"])
+    for kind in ("rnn", "gru", "lstm"):
+        for amp in amps:
+            rows[f"{kind} {'fp32' if amp == 'off' else amp}"] = (CONCISE, [f"model.kind={kind}",
+                                                                           f"train.amp={amp}"])
+    return rows
+
+
+def build(spec, device: str):
+    return spec(device) if callable(spec) else PipelineVariant(*spec, device=device)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def throughput(args) -> dict:
+    torch.set_num_threads(args.threads)
+    specs = variants(args)
+    runners = {}
+    for name, spec in specs.items():
+        runners[name] = build(spec, args.device)
+        for _ in range(args.warmup):  # first calls: allocator, oneDNN primitives, compile
+            runners[name].step()
+        runners[name].sync()
+    wall = {n: [] for n in runners}
+    cpu = {n: [] for n in runners}
+    for r in range(args.rounds):
+        order = list(runners) if r % 2 == 0 else list(reversed(runners))
+        for name in order:
+            run = runners[name]
+            _sync(args.device)
+            w0, c0, tokens = time.perf_counter(), time.process_time(), 0
+            for _ in range(args.steps):
+                tokens += run.step()
+            run.sync()
+            _sync(args.device)
+            wall[name].append(tokens / (time.perf_counter() - w0))
+            cpu[name].append(tokens / (time.process_time() - c0))
+        print(f"round {r + 1}/{args.rounds} done", flush=True)
+    seed = next(iter(runners))
+    med_w = {n: statistics.median(v) for n, v in wall.items()}
+    med_c = {n: statistics.median(v) for n, v in cpu.items()}
+    rows = [{"variant": n, "tokens_per_s": med_w[n], "tokens_per_cpu_s": med_c[n],
+             "ratio_vs_seed": med_w[n] / med_w[seed], "cpu_ratio_vs_seed": med_c[n] / med_c[seed],
+             "fraction_of_fp32_ceiling": med_w[n] / CEILING_FP32,
+             "rounds_tokens_per_s": wall[n]} for n in runners]
+    return {"device": args.device, "threads": args.threads, "rounds": args.rounds,
+            "steps_per_round": args.steps,
+            "tokens_per_step": 32 * 35, "rows": rows}
+
+
+# ---------------------------------------------------------------- DDP weak scaling
+
+
+def torchrun_tokens_per_s(world: int, steps: int, log_every: int, amp: str, tmp: Path) -> float:
+    run_dir = tmp / f"ddp_w{world}"
+    cmd = ["timeout", "-k", "10", "600", str(Path(sys.executable).with_name("torchrun")),
+           "--standalone", f"--nproc_per_node={world}", "-m", "pipeline", "train",
+           "--config", SCRATCH, f"run.dir={run_dir}", "train.resume=never",
+           "run.overwrite=true", "data.max_chars=0", f"train.batch_size={32 * world}",
+           f"train.max_steps={steps}", "train.epochs=100000", f"train.log_every={log_every}",
+           "train.threads=1", f"train.amp={amp}", "generate.prefixes=[]",
+           "logging.progress=off", "logging.wandb.mode=disabled"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"torchrun failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    rates = [e["perf/tokens_per_s"] for e in read_jsonl(run_dir / "metrics.jsonl")
+             if "perf/tokens_per_s" in e]
+    return statistics.median(rates[1:] or rates)  # the first interval holds the warm-up
+
+
+def ddp_scaling(args) -> dict:
+    out = {"steps": args.ddp_steps, "log_every": args.ddp_log_every, "rows": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for amp in ("off", "bf16"):
+            rates = {1: [], 2: []}
+            for r in range(args.ddp_rounds):
+                for world in ((1, 2) if r % 2 == 0 else (2, 1)):
+                    rates[world].append(torchrun_tokens_per_s(world, args.ddp_steps,
+                                                              args.ddp_log_every, amp, Path(tmp)))
+            one, two = statistics.median(rates[1]), statistics.median(rates[2])
+            out["rows"].append({"amp": "fp32" if amp == "off" else amp, "tokens_per_s_1x1": one,
+                                "tokens_per_s_2x1": two, "efficiency": two / (2 * one),
+                                "rounds": rates})
+            print(f"DDP {amp}: 1 rank {one:.0f}, 2 ranks {two:.0f} tokens/s", flush=True)
+    return out
+
+
+# ---------------------------------------------------------------- seed parity
+
+
+def parity(args) -> dict:
+    """Both precisions of one config run side by side (1 thread each); final epoch's training
+    perplexity from metrics.jsonl."""
+    epochs = args.parity_epochs
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in CHAPTER_PPL:
+            procs = {}
+            for amp in ("off", "bf16"):
+                run_dir = Path(tmp) / f"{name}_{amp}"
+                cmd = [sys.executable, "-m", "pipeline", "train", "--config",
+                       f"configs/{name}.yaml", f"run.dir={run_dir}", "train.resume=never",
+                       "run.overwrite=true", f"train.epochs={epochs}", f"train.amp={amp}",
+                       "train.threads=1", "logging.progress=off", "generate.prefixes=[]"]
+                env = {**os.environ, "OMP_NUM_THREADS": "1"}
+                log = open(f"{run_dir}.log", "w")  # a file, not a pipe: polling cannot block
+                procs[amp] = (subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log,
+                                               stderr=subprocess.STDOUT), run_dir,
+                              time.perf_counter())
+                log.close()
+            ppl, ended = {}, {}
+            while len(ended) < len(procs):  # poll, so each run's own duration is recorded
+                for amp, (proc, _, t0) in procs.items():
+                    if amp not in ended and proc.poll() is not None:
+                        ended[amp] = time.perf_counter() - t0
+                time.sleep(0.2)
+            for amp, (proc, run_dir, _) in procs.items():
+                text = Path(f"{run_dir}.log").read_text(errors="replace")
+                if proc.returncode:
+                    raise RuntimeError(f"{name} amp={amp} failed:\n{text[-3000:]}")
+                events = [e for e in read_jsonl(run_dir / "metrics.jsonl")
+                          if "train/perplexity" in e]
+                ppl[amp] = (events[-1]["train/perplexity"], events[-1]["epoch"], ended[amp])
+            fp32, bf16 = ppl["off"][0], ppl["bf16"][0]
+            rows.append({"config": name, "epochs": ppl["off"][1], "chapter": CHAPTER_PPL[name],
+                         "fp32": fp32, "bf16": bf16, "fp32_vs_chapter": fp32 / CHAPTER_PPL[name],
+                         "bf16_vs_fp32": bf16 / fp32, "seconds_fp32": ppl["off"][2],
+                         "seconds_bf16": ppl["bf16"][2]})
+            print(f"{name}: fp32 {fp32:.3f}, bf16 {bf16:.3f} (chapter {CHAPTER_PPL[name]})",
+                  flush=True)
+    return {"epochs": epochs, "threads_per_run": 1, "rows": rows}
+
+
+# ---------------------------------------------------------------- main
+
+
+def machine() -> dict:
+    model = platform.processor()
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        model = next(line.split(":", 1)[1].strip() for line in out.splitlines()
+                     if line.startswith("Model name"))
+    except (OSError, StopIteration):
+        pass
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    info = {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__,
+            "python": platform.python_version(), "avx512_bf16": "avx512_bf16" in flags,
+            "amx": "amx_bf16" in flags, "load_average_at_start": os.getloadavg()[0]}
+    if torch.cuda.is_available():
+        info.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda,
+                    cudnn=torch.backends.cudnn.version())
+    return info
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="throughput, DDP scaling and seed parity")
+    ap.add_argument("--quick", action="store_true", help="tiny smoke run (numbers meaningless)")
+    ap.add_argument("--parity", action="store_true", help="only the seed-parity runs")
+    ap.add_argument("--compile", action="store_true", help="add torch.compile rows")
+    ap.add_argument("--no-ddp", action="store_true")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--steps", type=int, default=8, help="minibatches per variant per round")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="throughput rows only (cuda adds fp16 rows)")
+    ap.add_argument("--ddp-rounds", type=int, default=3)
+    ap.add_argument("--ddp-steps", type=int, default=120)
+    ap.add_argument("--ddp-log-every", type=int, default=20)
+    ap.add_argument("--parity-epochs", type=int, default=250)
+    ap.add_argument("--results", help="default bench/results.json (--quick: bench/out/)")
+    ap.add_argument("--docs", help="default docs/benchmarks.md (--quick: bench/out/)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.rounds, args.steps, args.warmup = 2, 1, 1
+        args.ddp_rounds, args.ddp_steps, args.ddp_log_every = 1, 4, 2
+        args.parity_epochs = 2
+    out = ROOT / "bench" / "out"  # a smoke run never overwrites the recorded numbers
+    args.results = args.results or str(out / "results_quick.json" if args.quick else RESULTS)
+    args.docs = args.docs or str(out / "benchmarks_quick.md" if args.quick else DOCS)
+
+    results_path = Path(args.results)
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    command = "python -m bench.run " + " ".join(argv if argv is not None else sys.argv[1:])
+    section = {"machine": machine(), "command": command.strip(), "quick": args.quick,
+               "date": time.strftime("%Y-%m-%d %H:%M")}
+    if args.parity:
+        results["parity"] = {**section, **parity(args)}
+    else:
+        key = "throughput" if args.device == "cpu" else "throughput_cuda"
+        results[key] = {**section, **throughput(args)}
+        if not args.no_ddp:
+            results["ddp"] = {**section, **ddp_scaling(args)}
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    results_path.write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
+    report.write_docs(results, Path(args.docs))
+    print(report.summary(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""Mixed precision and clipping: fp16 scaler ordering, bf16 convergence, inf steps skipped on
+every rank alike, and the reported grad norm being the norm of the all-reduced gradients."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.distributed as tdist
+import torch.multiprocessing as mp
+from conftest import TINY, free_port, run_cli
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from pipeline.amp import Amp
+from pipeline.metrics import TrainAccumulator, read_jsonl
+from pipeline.model import ScratchRNN
+from pipeline.train import train_step
+
+V, H, B, T = 23, 16, 4, 6
+CPU = torch.device("cpu")
+
+
+def tiny_setup(amp_mode: str, init_scale: float = 2.0**8, seed: int = 0):
+    torch.manual_seed(seed)
+    model = ScratchRNN(V, H, init_std=0.3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    amp = Amp(amp_mode, CPU)
+    if amp_mode == "fp16":  # a modest scale: the first steps must not overflow by themselves
+        amp.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    return model, opt, amp
+
+
+def batch(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.randint(V, (B, T + 1), generator=g)
+    return xy[:, :-1], xy[:, 1:]
+
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def grad_norm(model) -> float:
+    return math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in model.parameters()))
+
+
+# ---------------------------------------------------------------- fp16 scaler, one process
+
+
+def test_fp16_unscale_happens_before_clip():
+    """Clip acts on the UNSCALED gradients: after the step the gradients have norm = clip
+    (clipping before unscale_ would leave clip / scale), and the reported norm is unscaled."""
+    model, opt, amp = tiny_setup("fp16", init_scale=2.0**10)
+    ref, _, _ = tiny_setup("off")
+    x, y = batch(1)
+    _, ref_norm, _ = train_step(ref, list(ref.parameters()), x, y, ref.init_state(B, CPU),
+                                torch.optim.SGD(ref.parameters(), lr=0.0), Amp("off", CPU), 0.0)
+    loss, norm, _ = train_step(model, list(model.parameters()), x, y, model.init_state(B, CPU),
+                               opt, amp, clip=1e-3)
+    assert torch.isfinite(loss) and torch.isfinite(norm)
+    assert norm.item() == pytest.approx(ref_norm.item(), rel=0.05)  # fp16 vs fp32 forward
+    assert grad_norm(model) == pytest.approx(1e-3, rel=1e-3)
+    assert amp.scaler.get_scale() == 2.0**10  # no overflow, no change yet
+
+
+def test_fp16_overflow_skips_step_and_halves_scale():
+    model, opt, amp = tiny_setup("fp16")
+    params = list(model.parameters())
+    x, y = batch(2)
+    before = snapshot(model)
+    handle = model.W_hh.register_hook(lambda g: torch.full_like(g, math.inf))
+    acc = TrainAccumulator(CPU)
+    loss, norm, _ = train_step(model, params, x, y, model.init_state(B, CPU), opt, amp, 1.0)
+    acc.add(loss, x.numel(), norm, 1.0)
+    handle.remove()
+    assert not torch.isfinite(norm)
+    for k, v in snapshot(model).items():
+        assert torch.equal(v, before[k]), f"{k} changed on an inf step"
+    assert amp.scaler.get_scale() == 2.0**7
+    loss, norm, _ = train_step(model, params, x, y, model.init_state(B, CPU), opt, amp, 1.0)
+    acc.add(loss, x.numel(), norm, 1.0)
+    assert torch.isfinite(norm)
+    assert not torch.equal(model.W_hh, before["W_hh"])  # the next good step does update
+    out = acc.reduce(1)
+    assert out["amp/skipped_steps"] == 1
+    assert math.isfinite(out["opt/grad_norm"]) and out["opt/grad_norm"] == pytest.approx(norm.item())
+
+
+# ---------------------------------------------------------------- bf16 convergence (real CLI)
+
+
+@pytest.mark.parametrize("amp", ["bf16"])
+def test_bf16_autocast_run_converges(tmp_path, amp):
+    run_dir = tmp_path / "run"
+    run_cli(["train", *TINY, f"run.dir={run_dir}", f"train.amp={amp}", "train.epochs=25",
+             "train.lr=20", "train.clip=0.5", "model.hidden_size=64"], timeout=240)
+    events = [e for e in read_jsonl(run_dir / "metrics.jsonl") if "train/perplexity" in e]
+    first, last = events[0]["train/perplexity"], events[-1]["train/perplexity"]
+    assert all(math.isfinite(e["train/loss"]) for e in events)
+    assert last < 0.5 * first, (first, last)
+    assert events[-1]["amp/skipped_steps"] == 0
+
+
+# ---------------------------------------------------------------- two ranks (gloo)
+
+
+def _init(rank: int, world: int, port: int) -> None:
+    torch.set_num_threads(1)
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                             world_size=world)
+
+
+def _worker_inf(rank: int, world: int, port: int, queue) -> None:
+    _init(rank, world, port)
+    try:
+        model, opt, amp = tiny_setup("fp16")
+        params = list(model.parameters())
+        ddp = DDP(model)
+        x, y = batch(10 + rank)  # each rank its own data
+        before = snapshot(model)
+        if rank == 1:  # inf only on rank 1's local gradient; the all-reduce spreads it
+            model.W_hh.register_hook(lambda g: torch.full_like(g, math.inf))
+        acc = TrainAccumulator(CPU)
+        loss, norm, _ = train_step(ddp, params, x, y, model.init_state(B, CPU), opt, amp, 1.0)
+        acc.add(loss, x.numel(), norm, 1.0)
+        unchanged = all(torch.equal(v, before[k]) for k, v in snapshot(model).items())
+        queue.put((rank, unchanged, bool(torch.isfinite(norm)), amp.scaler.get_scale(),
+                   acc.reduce(world)["amp/skipped_steps"]))
+    finally:
+        tdist.destroy_process_group()
+
+
+def _worker_norm(rank: int, world: int, port: int, queue) -> None:
+    _init(rank, world, port)
+    try:
+        model, opt, amp = tiny_setup("off")
+        x, y = batch(20 + rank)
+        # By hand: each rank's local gradient, averaged over ranks with an explicit all-reduce.
+        twin, _, _ = tiny_setup("off")
+        out, _ = twin(x, twin.init_state(B, CPU))
+        torch.nn.functional.cross_entropy(out.flatten(0, 1), y.t().reshape(-1)).backward()
+        local = torch.cat([p.grad.flatten() for p in twin.parameters()])
+        averaged = local.clone()
+        tdist.all_reduce(averaged)
+        averaged /= world
+        hand = averaged.double().norm().item()
+
+        clip = 0.5 * hand
+        acc = TrainAccumulator(CPU)
+        ddp = DDP(model)
+        loss, norm, _ = train_step(ddp, list(model.parameters()), x, y,
+                                   model.init_state(B, CPU), opt, amp, clip)
+        acc.add(loss, x.numel(), norm, clip)
+        metrics = acc.reduce(world)
+        queue.put((rank, hand, local.double().norm().item(), norm.item(), grad_norm(model),
+                   metrics["opt/grad_norm"], metrics["opt/clipped"]))
+    finally:
+        tdist.destroy_process_group()
+
+
+def _spawn(fn, world: int = 2) -> list:
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    mp.start_processes(fn, args=(world, free_port(), queue), nprocs=world, join=True,
+                       start_method="spawn")
+    return sorted(queue.get() for _ in range(world))
+
+
+def test_inf_step_skipped_on_every_rank():
+    results = _spawn(_worker_inf)
+    for rank, unchanged, finite, scale, skipped in results:
+        assert unchanged, f"rank {rank} updated its parameters on an inf step"
+        assert not finite, f"rank {rank} saw a finite norm"
+        assert scale == 2.0**7, f"rank {rank}: scaler did not back off"
+        assert skipped == 1
+    assert len({r[3] for r in results}) == 1  # scales agree
+
+
+def test_reported_grad_norm_is_norm_of_all_reduced_grads():
+    results = _spawn(_worker_norm)
+    hand = results[0][1]
+    for rank, hand_r, _local, norm, after, logged, clipped in results:
+        assert hand_r == pytest.approx(hand, rel=1e-6)  # the same global gradient everywhere
+        assert norm == pytest.approx(hand, rel=1e-5), f"rank {rank}"
+        assert logged == pytest.approx(hand, rel=1e-5)
+        assert after == pytest.approx(0.5 * hand, rel=1e-4)  # clipped to clip = hand / 2
+        assert clipped == 1.0
+    assert abs(results[0][2] - results[1][2]) > 1e-6 * hand  # local norms differ: test is not vacuous
+
+
+# ---------------------------------------------------------------- no host sync per step
+
+
+@pytest.mark.parametrize("amp", ["off", "bf16"])
+def test_hot_loop_reads_values_only_at_log_intervals(tmp_path, monkeypatch, amp):
+    """Count host reads of floating/bool tensors (.item(), .tolist(), bool(), float()) during a
+    60-step run logging every 20 steps: a per-step read (a device sync on CUDA) would give 60+.
+    (fp16 is left out: torch's GradScaler.step reads found_inf with .item() on every step.)"""
+    from pipeline import config
+    from pipeline.train import run
+
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        orig = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _orig=orig, _name=name, **k):
+            if self.dtype.is_floating_point or self.dtype == torch.bool:
+                reads.append(_name)
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    cfg = config.load(None, [*TINY, f"run.dir={tmp_path / 'run'}", "train.max_steps=60",
+                             "train.log_every=20", "train.epochs=100", f"train.amp={amp}",
+                             "logging.progress=off"])
+    run(cfg)
+    assert 0 < len(reads) <= 2 * 3, reads
