@@ -120,8 +120,10 @@ def append_doc(r: dict, argv: list[str]) -> None:
     text.append("Samples (temperature 0.8, top-k 20, seed 0):\n")
     for s in r["samples"]:
         text.append("```\n" + s + "\n```")
-    with open(DOC, "a", encoding="utf-8") as f:
-        f.write("\n".join(text) + "\n")
+    doc = DOC.read_text(encoding="utf-8") if DOC.exists() else "# Benchmarks\n\n## Quality\n"
+    block = "\n".join(text) + "\n"
+    at = doc.find("\n## GPU")  # results go at the end of the Quality section
+    DOC.write_text(doc[:at] + block + doc[at:] if at >= 0 else doc + block, encoding="utf-8")
 
 
 if __name__ == "__main__":

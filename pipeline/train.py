@@ -19,7 +19,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import checkpoint as ckpt
@@ -29,6 +28,7 @@ from .amp import Amp
 from .config import Config, ConfigError
 from .corpus import load_corpus
 from .generate import PrefixError, generate
+from .loss import cross_entropy
 from .metrics import LN2, Progress, RunLogger, TrainAccumulator, perplexity
 from .model import State, build_model, detach_state
 from .streams import IGNORE, EvalStreams, make_train_streams
@@ -90,8 +90,9 @@ def clip_grad_global(params: list[torch.Tensor], max_norm: float) -> torch.Tenso
 
 
 def lm_loss(logits_TBV: torch.Tensor, y_BT: torch.Tensor, reduction: str = "mean"):
-    return F.cross_entropy(logits_TBV.float().flatten(0, 1), y_BT.t().reshape(-1),
-                           ignore_index=IGNORE, reduction=reduction)
+    """Mean (or summed) cross-entropy, accumulated in fp32 whatever the logits' dtype."""
+    return cross_entropy(logits_TBV.flatten(0, 1), y_BT.t().reshape(-1), ignore_index=IGNORE,
+                         reduction=reduction)
 
 
 def train_step(train_model, params, x_BT, y_BT, state: State, optimizer, amp: Amp,
