@@ -13,7 +13,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-CHUNK = 512  # rows per fp32 chunk: about 13 MB at V = 6.6k, cache-friendly
+CHUNK = 128  # rows per fp32 chunk (3.4 MB at V = 6.6k); 32-512 measured within 10%
+
+
+def _logsumexp_fp32(c_RV: torch.Tensor) -> torch.Tensor:
+    """log(sum(exp(row))) in fp32, in place on one fp32 copy of the chunk."""
+    x = c_RV.float()
+    m_R = x.amax(-1, keepdim=True)
+    return x.sub_(m_R).exp_().sum(-1).log_().add_(m_R.squeeze(-1))
 
 
 class _HalfCrossEntropy(torch.autograd.Function):
@@ -21,7 +28,7 @@ class _HalfCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits_NV: torch.Tensor, target_N: torch.Tensor, ignore_index: int):
         keep_N = target_N != ignore_index
         safe_N = torch.where(keep_N, target_N, 0)
-        lse_N = torch.cat([c.float().logsumexp(-1) for c in logits_NV.split(CHUNK)])
+        lse_N = torch.cat([_logsumexp_fp32(c) for c in logits_NV.split(CHUNK)])
         picked_N = logits_NV.gather(1, safe_N[:, None]).squeeze(1).float()
         nll_N = (lse_N - picked_N) * keep_N
         ctx.save_for_backward(logits_NV, lse_N, safe_N, keep_N)
@@ -34,7 +41,7 @@ class _HalfCrossEntropy(torch.autograd.Function):
         grad_NV = torch.empty_like(logits_NV)
         for lo in range(0, len(logits_NV), CHUNK):
             hi = lo + CHUNK
-            p = (logits_NV[lo:hi].float() - lse_N[lo:hi, None]).exp_().mul_(g_N[lo:hi, None])
+            p = logits_NV[lo:hi].float().sub_(lse_N[lo:hi, None]).exp_().mul_(g_N[lo:hi, None])
             grad_NV[lo:hi] = p  # softmax * grad, cast to the logits' dtype
         grad_NV.scatter_add_(1, safe_N[:, None], (-g_N)[:, None].to(grad_NV.dtype))
         return grad_NV, None, None

@@ -149,6 +149,7 @@ def test_two_ranks_train_on_prepared_songci(hf_home, tmp_path):
     args = ["train", "--config", "configs/songci_cpu.yaml", f"run.dir={run_dir}",
             f"data.cache_dir={cache}", "data.max_chars=60000", "data.num_proc=1",
             "model.hidden_size=32", "model.embedding_size=16", "model.num_layers=1",
+            "model.tie_weights=false",
             "train.batch_size=8", "train.num_steps=16", "train.max_steps=8", "train.amp=off",
             "train.lr=0.02", "train.warmup_steps=0", "train.schedule=constant",
             "train.time_limit=0", "train.log_every=2", "train.eval_every=0",
@@ -225,7 +226,8 @@ def test_unset_data_dir_names_the_key(hf_home, monkeypatch, capsys):
 def test_split_too_short_for_the_batch_says_the_minimum(hf_home, tmp_path, capsys):
     capsys.readouterr()
     rc = main(["train", "--config", str(ROOT / "configs/songci_cpu.yaml"), "data.max_chars=3000",
-               f"run.dir={tmp_path / 'run'}", "data.num_proc=1", "logging.wandb.mode=disabled"])
+               f"run.dir={tmp_path / 'run'}", "data.num_proc=1", "logging.wandb.mode=disabled",
+               "train.sampling=random", "train.batch_size=64", "train.num_steps=64"])
     assert rc == 2
     err = capsys.readouterr().err
     assert "3000 characters" in err and "at least 4097" in err  # random windows: 64 x 64 + 1
