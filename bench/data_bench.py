@@ -88,18 +88,23 @@ def prepared_meta(cache: Path) -> dict:
 def bench_prepare(work: Path, env: dict, extra: list[str]) -> dict:
     rows = {}
     base = ["prepare", "--config", "configs/poetry.yaml", *extra]
-    for label, num_proc, cache in [("first load (parquet -> Arrow) + tokenize, num_proc 1", 1, "c1"),
-                                   ("tokenize, num_proc 2", 2, "c2"),
-                                   ("reuse the cache (sha256 check, no tokenization)", 1, "c1")]:
-        (st,) = run_probe(work / f"prep-{cache}-{num_proc}-{len(rows)}",
-                          [*base, f"data.num_proc={num_proc}", f"data.cache_dir={work / cache}"],
-                          env)
+    for label, num_proc, cache in [
+        ("first load (parquet -> Arrow) + tokenize, num_proc 1", 1, "c1"),
+        ("tokenize, num_proc 2", 2, "c2"),
+        ("reuse the cache (sha256 check, no tokenization)", 1, "c1"),
+    ]:
+        (st,) = run_probe(
+            work / f"prep-{cache}-{num_proc}-{len(rows)}",
+            [*base, f"data.num_proc={num_proc}", f"data.cache_dir={work / cache}"],
+            env,
+        )
         meta = prepared_meta(work / cache)
         chars = sum(s["length"] for s in meta["splits"].values())
         row = {"seconds_in_process": st["seconds"], "peak_rss_mib": st["VmHWM"], "chars": chars}
         if "reuse" not in label:
-            row.update(tokenize_seconds=meta["build"]["seconds"],
-                       chars_per_s=meta["build"]["chars_per_s"])
+            row.update(
+                tokenize_seconds=meta["build"]["seconds"], chars_per_s=meta["build"]["chars_per_s"]
+            )
         rows[label] = row
         print(f"prepare: {label}: {row}", flush=True)
     rows["vocab"] = len(meta["vocab"])
@@ -110,19 +115,38 @@ def bench_prepare(work: Path, env: dict, extra: list[str]) -> dict:
 
 
 def bench_memory(work: Path, env: dict, steps: int, extra: list[str]) -> dict:
-    common = ["model.kind=lstm", "model.hidden_size=256", "model.embedding_size=128",
-              "model.num_layers=2", "train.batch_size=32", "train.num_steps=64",
-              "train.sampling=consecutive", f"train.max_steps={steps}", "train.amp=off",
-              "train.time_limit=0", "train.eval_every=0", "train.checkpoint_every=0",
-              "train.log_every=0", "data.max_vocab=4000", "data.valid_split=''",
-              "data.test_split=''", "data.num_proc=2", f"data.cache_dir={work / 'cache-mem'}",
-              *QUIET, *extra]
+    common = [
+        "model.kind=lstm",
+        "model.hidden_size=256",
+        "model.embedding_size=128",
+        "model.num_layers=2",
+        "train.batch_size=32",
+        "train.num_steps=64",
+        "train.sampling=consecutive",
+        f"train.max_steps={steps}",
+        "train.amp=off",
+        "train.time_limit=0",
+        "train.eval_every=0",
+        "train.checkpoint_every=0",
+        "train.log_every=0",
+        "data.max_vocab=4000",
+        "data.valid_split=''",
+        "data.test_split=''",
+        "data.num_proc=2",
+        f"data.cache_dir={work / 'cache-mem'}",
+        *QUIET,
+        *extra,
+    ]
     rows = {}
     for name in ("songci", "poetry"):
         args = ["--config", f"configs/{name}.yaml", *common]
         run_probe(work / f"mem-prep-{name}", ["prepare", *args], env)  # not part of the numbers
-        ranks = run_probe(work / f"mem-{name}",
-                          ["train", *args, f"run.dir={work / ('run-' + name)}"], env, nproc=2)
+        ranks = run_probe(
+            work / f"mem-{name}",
+            ["train", *args, f"run.dir={work / ('run-' + name)}"],
+            env,
+            nproc=2,
+        )
         rows[name] = [{k: round(r[k], 1) for k in ("VmHWM", "RssAnon", "RssFile")} for r in ranks]
         print(f"memory: {name}: {rows[name]}", flush=True)
     return rows
@@ -144,8 +168,16 @@ class Variant:
         from pipeline.train import build_optimizer
 
         self.t = tcfg
-        self.streams = make_train_streams(corpus.splits["train"], tcfg.sampling, tcfg.batch_size,
-                                          tcfg.num_steps, 0, 1, torch.device("cpu"), tcfg.seed)
+        self.streams = make_train_streams(
+            corpus.splits["train"],
+            tcfg.sampling,
+            tcfg.batch_size,
+            tcfg.num_steps,
+            0,
+            1,
+            torch.device("cpu"),
+            tcfg.seed,
+        )
         torch.manual_seed(0)
         self.model = build_model(model_cfg, len(corpus.vocab))
         self.params = list(self.model.parameters())
@@ -159,11 +191,13 @@ class Variant:
         from pipeline.train import train_step
 
         s = self.streams
-        self.hidden = (self.model.init_state(s.b, "cpu") if self.i == 0
-                       else detach_state(self.hidden))
+        self.hidden = (
+            self.model.init_state(s.b, "cpu") if self.i == 0 else detach_state(self.hidden)
+        )
         x, y = s.batch(0, self.i)
-        loss, norm, self.hidden = train_step(self.model, self.params, x, y, self.hidden,
-                                             self.opt, self.amp, self.t.clip)
+        loss, norm, self.hidden = train_step(
+            self.model, self.params, x, y, self.hidden, self.opt, self.amp, self.t.clip
+        )
         self.acc.add(loss, x.numel(), norm, self.t.clip)
         self.i = (self.i + 1) % s.epoch_size
 
@@ -183,22 +217,39 @@ def bench_speed(work: Path, rounds: int, steps: int, threads: int, extra: list[s
     from pipeline.corpus import Corpus, load_corpus
 
     torch.set_num_threads(threads)
-    model = ["model.kind=lstm", "model.hidden_size=256", "model.embedding_size=128",
-             "model.num_layers=2", "train.batch_size=32", "train.num_steps=64",
-             "train.sampling=consecutive", "train.optimizer=adamw", "train.lr=0.002",
-             "train.clip=1.0", "train.amp=off"]
+    model = [
+        "model.kind=lstm",
+        "model.hidden_size=256",
+        "model.embedding_size=128",
+        "model.num_layers=2",
+        "train.batch_size=32",
+        "train.num_steps=64",
+        "train.sampling=consecutive",
+        "train.optimizer=adamw",
+        "train.lr=0.002",
+        "train.clip=1.0",
+        "train.amp=off",
+    ]
     jay_cfg = config_mod.load(str(ROOT / "configs/jaychou.yaml"), model)
     jay = load_corpus(jay_cfg.data)
-    poetry_cfg = config_mod.load(str(ROOT / "configs/poetry.yaml"),
-                                 [*model, f"data.max_vocab={len(jay.vocab)}", "data.num_proc=2",
-                                  f"data.cache_dir={work / 'cache-speed'}", *extra])
+    poetry_cfg = config_mod.load(
+        str(ROOT / "configs/poetry.yaml"),
+        [
+            *model,
+            f"data.max_vocab={len(jay.vocab)}",
+            "data.num_proc=2",
+            f"data.cache_dir={work / 'cache-speed'}",
+            *extra,
+        ],
+    )
     poetry = load_corpus(poetry_cfg.data)
     assert len(poetry.vocab) == len(jay.vocab)
     in_ram = Corpus(poetry.vocab, {"train": np.array(poetry.splits["train"])})
-    variants = {"jaychou (in memory)": Variant(jay, jay_cfg.model, jay_cfg.train),
-                "poetry (memory-mapped)": Variant(poetry, poetry_cfg.model, poetry_cfg.train),
-                "poetry (copied into memory)": Variant(in_ram, poetry_cfg.model,
-                                                       poetry_cfg.train)}
+    variants = {
+        "jaychou (in memory)": Variant(jay, jay_cfg.model, jay_cfg.train),
+        "poetry (memory-mapped)": Variant(poetry, poetry_cfg.model, poetry_cfg.train),
+        "poetry (copied into memory)": Variant(in_ram, poetry_cfg.model, poetry_cfg.train),
+    }
     for v in variants.values():  # warm-up: allocator, oneDNN primitives
         for _ in range(3):
             v.step()
@@ -215,10 +266,13 @@ def bench_speed(work: Path, rounds: int, steps: int, threads: int, extra: list[s
             tok_cpu_s[name].append(out["_tokens"] / (time.process_time() - c0))
     rows = {}
     for name, v in variants.items():
-        rows[name] = {"tokens_per_s_median": round(statistics.median(tok_s[name])),
-                      "tokens_per_cpu_s_median": round(statistics.median(tok_cpu_s[name])),
-                      "rounds": [round(x) for x in tok_s[name]],
-                      "batch_fetch_us": round(v.fetch_us(200), 1), "lazy": v.streams.lazy}
+        rows[name] = {
+            "tokens_per_s_median": round(statistics.median(tok_s[name])),
+            "tokens_per_cpu_s_median": round(statistics.median(tok_cpu_s[name])),
+            "rounds": [round(x) for x in tok_s[name]],
+            "batch_fetch_us": round(v.fetch_us(200), 1),
+            "lazy": v.streams.lazy,
+        }
         print(f"speed: {name}: {rows[name]}", flush=True)
     return {"vocab": len(jay.vocab), "threads": threads, "rows": rows}
 
@@ -227,45 +281,70 @@ def bench_speed(work: Path, rounds: int, steps: int, threads: int, extra: list[s
 
 
 def markdown(res: dict) -> str:
-    lines = ["### Preparation of poetry (Hugging Face datasets -> memory-mapped ids)", "",
-             "| step | seconds (tokenize) | seconds (in process) | characters/s | peak RSS MiB |",
-             "|---|---:|---:|---:|---:|"]
+    lines = [
+        "### Preparation of poetry (Hugging Face datasets -> memory-mapped ids)",
+        "",
+        "| step | seconds (tokenize) | seconds (in process) | characters/s | peak RSS MiB |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for label, r in res["prepare"].items():
         if label != "vocab":
             cps = f"{r['chars_per_s']:,}" if "chars_per_s" in r else "-"
-            lines.append(f"| {label} | {r.get('tokenize_seconds', '-')} | "
-                         f"{r['seconds_in_process']:.1f} | {cps} | {r['peak_rss_mib']:.0f} |")
-    lines += ["", "### Resident memory per rank, 2 ranks training the same model (MiB)", "",
-              "| corpus | rank | peak (VmHWM) | private (RssAnon) | mapped ids etc. (RssFile) |",
-              "|---|---:|---:|---:|---:|"]
+            lines.append(
+                f"| {label} | {r.get('tokenize_seconds', '-')} | "
+                f"{r['seconds_in_process']:.1f} | {cps} | {r['peak_rss_mib']:.0f} |"
+            )
+    lines += [
+        "",
+        "### Resident memory per rank, 2 ranks training the same model (MiB)",
+        "",
+        "| corpus | rank | peak (VmHWM) | private (RssAnon) | mapped ids etc. (RssFile) |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for name, ranks in res["memory"].items():
         for r, m in enumerate(ranks):
-            lines.append(f"| {name} | {r} | {m['VmHWM']:.0f} | {m['RssAnon']:.0f} | "
-                         f"{m['RssFile']:.0f} |")
+            lines.append(
+                f"| {name} | {r} | {m['VmHWM']:.0f} | {m['RssAnon']:.0f} | {m['RssFile']:.0f} |"
+            )
     sp = res["speed"]
-    lines += ["", f"### Training tokens/s, same model (vocabulary {sp['vocab']}), one process, "
-              f"torch threads: {sp['threads']}", "",
-              "| corpus | tokens/s (wall, median) | tokens per CPU-second (median) | "
-              "batch fetch µs |", "|---|---:|---:|---:|"]
+    lines += [
+        "",
+        f"### Training tokens/s, same model (vocabulary {sp['vocab']}), one process, "
+        f"torch threads: {sp['threads']}",
+        "",
+        "| corpus | tokens/s (wall, median) | tokens per CPU-second (median) | batch fetch µs |",
+        "|---|---:|---:|---:|",
+    ]
     for name, r in sp["rows"].items():
-        lines.append(f"| {name} | {r['tokens_per_s_median']:,} | {r['tokens_per_cpu_s_median']:,} "
-                     f"| {r['batch_fetch_us']} |")
+        lines.append(
+            f"| {name} | {r['tokens_per_s_median']:,} | {r['tokens_per_cpu_s_median']:,} "
+            f"| {r['batch_fetch_us']} |"
+        )
     return "\n".join(lines)
 
 
 def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "--probe":
         sys.exit(probe(sys.argv[2], sys.argv[4:]))
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true")
     p.add_argument("--steps", type=int, default=30, help="training steps of the memory runs")
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--round-steps", type=int, default=8)
-    p.add_argument("--threads", type=int, default=1, help="torch threads of the speed part "
-                   "(1: CPU-seconds then measure the work, whatever else runs on the machine)")
-    p.add_argument("--parts", default="prepare,memory,speed",
-                   help="comma-separated; results merge into bench/data_results.json")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads of the speed part "
+        "(1: CPU-seconds then measure the work, whatever else runs on the machine)",
+    )
+    p.add_argument(
+        "--parts",
+        default="prepare,memory,speed",
+        help="comma-separated; results merge into bench/data_results.json",
+    )
     args = p.parse_args()
     extra = ["data.max_chars=200000"] if args.quick else []
     if args.quick:

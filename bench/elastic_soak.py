@@ -35,8 +35,12 @@ from test_elastic import BASE, TIMEOUT, check_restarted, kill_and_restart  # noq
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=10)
-    p.add_argument("--scenarios", nargs="+", default=["1-shared", "1-fresh", "2-fresh"],
-                   choices=["1-shared", "1-fresh", "2-fresh", "2-shared"])
+    p.add_argument(
+        "--scenarios",
+        nargs="+",
+        default=["1-shared", "1-fresh", "2-fresh"],
+        choices=["1-shared", "1-fresh", "2-fresh", "2-shared"],
+    )
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="elastic_soak_"))
     torchrun(2, ["train", *BASE, f"run.dir={work / 'reference'}"], timeout=TIMEOUT)
@@ -51,9 +55,11 @@ def main() -> int:
             out = kill_and_restart(run_dir, nodes, victim_rank=i % 2, share_store=share)
             problem = check_restarted(out, run_dir, reference)
             ok += not problem
-            print(f"{scenario} run {i + 1:2d}: killed rank {i % 2} after step "
-                  f"{out['killed_at']}, {time.monotonic() - t0:5.1f} s: {problem or 'ok'}",
-                  flush=True)
+            print(
+                f"{scenario} run {i + 1:2d}: killed rank {i % 2} after step "
+                f"{out['killed_at']}, {time.monotonic() - t0:5.1f} s: {problem or 'ok'}",
+                flush=True,
+            )
             if problem:
                 print(out["log"][-3000:], flush=True)
         print(f"{scenario}: {ok} of {args.runs} restarted runs succeeded", flush=True)

@@ -31,8 +31,10 @@ DOC = ROOT / "docs" / "benchmarks.md"
 def sh(cmd: list[str], env: dict) -> str:
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                 f"{proc.stderr[-3000:]}")
+        sys.exit(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+            f"{proc.stderr[-3000:]}"
+        )
     return proc.stdout
 
 
@@ -50,12 +52,26 @@ def main(argv=None) -> int:
     run_dir = Path(args.run_dir or tempfile.mkdtemp(prefix="quality_"))
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     py = sys.executable
-    train = ["-m", "pipeline", "train", "--config", args.config, f"run.dir={run_dir}",
-             "train.resume=never", "run.overwrite=true", f"train.time_limit={args.budget}",
-             "logging.wandb.mode=disabled", *args.overrides]
+    train = [
+        "-m",
+        "pipeline",
+        "train",
+        "--config",
+        args.config,
+        f"run.dir={run_dir}",
+        "train.resume=never",
+        "run.overwrite=true",
+        f"train.time_limit={args.budget}",
+        "logging.wandb.mode=disabled",
+        *args.overrides,
+    ]
     if args.nproc > 1:
-        cmd = [str(Path(py).with_name("torchrun")), "--standalone",
-               f"--nproc_per_node={args.nproc}", *train]
+        cmd = [
+            str(Path(py).with_name("torchrun")),
+            "--standalone",
+            f"--nproc_per_node={args.nproc}",
+            *train,
+        ]
     else:
         cmd = [py, *train]
     t0 = time.time()
@@ -68,22 +84,61 @@ def main(argv=None) -> int:
     ckpt = best if best.exists() else run_dir / "checkpoints" / "last.pt"
     evals = {}
     for split in ("validation", "test"):
-        out = sh([py, "-m", "pipeline", "eval", "--checkpoint", str(ckpt), "--split", split,
-                  "--device", "cpu"], env)
+        out = sh(
+            [
+                py,
+                "-m",
+                "pipeline",
+                "eval",
+                "--checkpoint",
+                str(ckpt),
+                "--split",
+                split,
+                "--device",
+                "cpu",
+            ],
+            env,
+        )
         evals[split] = json.loads(out.strip().splitlines()[-1])
     samples = []
     for prefix in args.prefixes.split(","):
-        out = sh([py, "-m", "pipeline", "generate", "--checkpoint", str(ckpt), "--prefix",
-                  prefix, "--length", "60", "--temperature", "0.8", "--top-k", "20",
-                  "--seed", "0"], env)
+        out = sh(
+            [
+                py,
+                "-m",
+                "pipeline",
+                "generate",
+                "--checkpoint",
+                str(ckpt),
+                "--prefix",
+                prefix,
+                "--length",
+                "60",
+                "--temperature",
+                "0.8",
+                "--top-k",
+                "20",
+                "--seed",
+                "0",
+            ],
+            env,
+        )
         samples.append(out.strip())
     result = {
-        "config": args.config, "overrides": args.overrides, "nproc": args.nproc,
-        "budget_s": args.budget, "train_time_s": last.get("time/elapsed_s"),
-        "wall_s": round(wall, 1), "steps": last["step"], "chars_seen": last.get("train/chars"),
+        "config": args.config,
+        "overrides": args.overrides,
+        "nproc": args.nproc,
+        "budget_s": args.budget,
+        "train_time_s": last.get("time/elapsed_s"),
+        "wall_s": round(wall, 1),
+        "steps": last["step"],
+        "chars_seen": last.get("train/chars"),
         "tokens_per_s": sum(e["perf/tokens_per_s"] for e in train_ev[-5:]) / min(5, len(train_ev)),
-        "checkpoint": ckpt.name, "checkpoint_step": evals["validation"]["step"],
-        "val": evals["validation"], "test": evals["test"], "samples": samples,
+        "checkpoint": ckpt.name,
+        "checkpoint_step": evals["validation"]["step"],
+        "val": evals["validation"],
+        "test": evals["test"],
+        "samples": samples,
     }
     print(json.dumps(result, ensure_ascii=False, indent=1))
     if not args.no_write:
@@ -112,11 +167,15 @@ def append_doc(r: dict, argv: list[str]) -> None:
     ]
     for split in ("val", "test"):
         e = r[split]
-        text.append(f"| {split} | {e['loss']:.4f} | {e['perplexity']:.1f} | {e['bpc']:.3f} | "
-                    f"{int(e['tokens']):,} |")
-    text.append(f"\n{r['steps']} steps, {r['chars_seen']:,} training characters seen, "
-                f"{r['tokens_per_s']:,.0f} tokens/s at the end, checkpoint `{r['checkpoint']}` "
-                f"(step {r['checkpoint_step']}); {r['wall_s']:.0f} s wall in all.\n")
+        text.append(
+            f"| {split} | {e['loss']:.4f} | {e['perplexity']:.1f} | {e['bpc']:.3f} | "
+            f"{int(e['tokens']):,} |"
+        )
+    text.append(
+        f"\n{r['steps']} steps, {r['chars_seen']:,} training characters seen, "
+        f"{r['tokens_per_s']:,.0f} tokens/s at the end, checkpoint `{r['checkpoint']}` "
+        f"(step {r['checkpoint_step']}); {r['wall_s']:.0f} s wall in all.\n"
+    )
     text.append("Samples (temperature 0.8, top-k 20, seed 0):\n")
     for s in r["samples"]:
         text.append("```\n" + s + "\n```")

@@ -46,63 +46,79 @@ from `bench/results.json`.
 def _machine(sec: dict) -> str:
     m = sec["machine"]
     note = " (QUICK smoke run: numbers meaningless)" if sec.get("quick") else ""
-    gpu = (f"GPU {m['gpu']} (CUDA {m['cuda']}, cuDNN {m['cudnn']}); "
-           if sec.get("device") == "cuda" else "")
-    return (f"Machine: {gpu}{m['cpu']}, {m['cores']} cores, avx512_bf16={m['avx512_bf16']}, "
-            f"AMX={m['amx']}; torch {m['torch']}; load average {m['load_average_at_start']:.1f} "
-            f"at start (shared machine). {sec['date']}, `{sec['command']}`{note}.\n")
+    gpu = (
+        f"GPU {m['gpu']} (CUDA {m['cuda']}, cuDNN {m['cudnn']}); "
+        if sec.get("device") == "cuda"
+        else ""
+    )
+    return (
+        f"Machine: {gpu}{m['cpu']}, {m['cores']} cores, avx512_bf16={m['avx512_bf16']}, "
+        f"AMX={m['amx']}; torch {m['torch']}; load average {m['load_average_at_start']:.1f} "
+        f"at start (shared machine). {sec['date']}, `{sec['command']}`{note}.\n"
+    )
 
 
 def _parity(sec: dict) -> str:
-    lines = [_machine(sec),
-             f"Training perplexity at epoch {sec['epochs']} (`train/perplexity` of the last "
-             "epoch in metrics.jsonl; each precision of a config run side by side, 1 thread "
-             "each). Targets: within 10% of the chapter's code run here, bf16 within 5% of "
-             "fp32.\n\n",
-             "| config | chapter | fp32 | fp32 / chapter | bf16 | bf16 / fp32 | s (fp32, bf16) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        _machine(sec),
+        f"Training perplexity at epoch {sec['epochs']} (`train/perplexity` of the last "
+        "epoch in metrics.jsonl; each precision of a config run side by side, 1 thread "
+        "each). Targets: within 10% of the chapter's code run here, bf16 within 5% of "
+        "fp32.\n\n",
+        "| config | chapter | fp32 | fp32 / chapter | bf16 | bf16 / fp32 | s (fp32, bf16) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in sec["rows"]:
-        lines.append(f"| {r['config']} | {r['chapter']:.2f} | {r['fp32']:.3f} | "
-                     f"{r['fp32_vs_chapter']:.3f} | {r['bf16']:.3f} | {r['bf16_vs_fp32']:.3f} | "
-                     f"{r['seconds_fp32']:.0f}, {r['seconds_bf16']:.0f} |")
+        lines.append(
+            f"| {r['config']} | {r['chapter']:.2f} | {r['fp32']:.3f} | "
+            f"{r['fp32_vs_chapter']:.3f} | {r['bf16']:.3f} | {r['bf16_vs_fp32']:.3f} | "
+            f"{r['seconds_fp32']:.0f}, {r['seconds_bf16']:.0f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def _throughput(sec: dict) -> str:
-    lines = [_machine(sec),
-             f"{sec.get('device', 'cpu')}, {sec['threads']} torch thread(s); {sec['rounds']} alternating rounds of "
-             f"{sec['steps_per_round']} minibatches x {sec['tokens_per_step']} tokens per "
-             "variant; medians. `wall` is tokens per wall-clock second, `cpu` tokens per CPU "
-             "second of the process (insensitive to other jobs taking the cores). Ceiling: "
-             "~100k tokens/s fp32 (about 2 MFLOP per token at ~200 GFLOP/s).\n\n",
-             "| variant | tokens/s wall | x seed | tokens/s cpu | x seed (cpu) | of fp32 ceiling |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        _machine(sec),
+        f"{sec.get('device', 'cpu')}, {sec['threads']} torch thread(s); {sec['rounds']} alternating rounds of "
+        f"{sec['steps_per_round']} minibatches x {sec['tokens_per_step']} tokens per "
+        "variant; medians. `wall` is tokens per wall-clock second, `cpu` tokens per CPU "
+        "second of the process (insensitive to other jobs taking the cores). Ceiling: "
+        "~100k tokens/s fp32 (about 2 MFLOP per token at ~200 GFLOP/s).\n\n",
+        "| variant | tokens/s wall | x seed | tokens/s cpu | x seed (cpu) | of fp32 ceiling |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for r in sec["rows"]:
-        lines.append(f"| {r['variant']} | {r['tokens_per_s']:,.0f} | {r['ratio_vs_seed']:.2f} | "
-                     f"{r['tokens_per_cpu_s']:,.0f} | {r['cpu_ratio_vs_seed']:.2f} | "
-                     f"{r['fraction_of_fp32_ceiling']:.2f} |")
+        lines.append(
+            f"| {r['variant']} | {r['tokens_per_s']:,.0f} | {r['ratio_vs_seed']:.2f} | "
+            f"{r['tokens_per_cpu_s']:,.0f} | {r['cpu_ratio_vs_seed']:.2f} | "
+            f"{r['fraction_of_fp32_ceiling']:.2f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def _ddp(sec: dict) -> str:
-    lines = [_machine(sec),
-             "Weak scaling with real `torchrun --standalone` on gloo: 1 rank x 1 thread with "
-             "global batch 32 vs 2 ranks x 1 thread with global batch 64 (32 streams per rank), "
-             f"rnn_scratch hidden 256, 35 steps, full corpus (vocabulary 2,614, so a bigger output "
-         f"layer than the seed rows above), {sec['steps']} steps; tokens/s is "
-             "the trainer's global `perf/tokens_per_s` (median over log intervals of "
-             f"{sec['log_every']} steps, first dropped), median over alternating runs. "
-             "Efficiency = tokens/s(2 ranks) / (2 x tokens/s(1 rank)); target >= 0.85.\n\n",
-             "| precision | 1 rank tokens/s | 2 ranks tokens/s | efficiency |",
-             "|---|---:|---:|---:|"]
+    lines = [
+        _machine(sec),
+        "Weak scaling with real `torchrun --standalone` on gloo: 1 rank x 1 thread with "
+        "global batch 32 vs 2 ranks x 1 thread with global batch 64 (32 streams per rank), "
+        f"rnn_scratch hidden 256, 35 steps, full corpus (vocabulary 2,614, so a bigger output "
+        f"layer than the seed rows above), {sec['steps']} steps; tokens/s is "
+        "the trainer's global `perf/tokens_per_s` (median over log intervals of "
+        f"{sec['log_every']} steps, first dropped), median over alternating runs. "
+        "Efficiency = tokens/s(2 ranks) / (2 x tokens/s(1 rank)); target >= 0.85.\n\n",
+        "| precision | 1 rank tokens/s | 2 ranks tokens/s | efficiency |",
+        "|---|---:|---:|---:|",
+    ]
     for r in sec["rows"]:
-        lines.append(f"| {r['amp']} | {r['tokens_per_s_1x1']:,.0f} | "
-                     f"{r['tokens_per_s_2x1']:,.0f} | {r['efficiency']:.2f} |")
+        lines.append(
+            f"| {r['amp']} | {r['tokens_per_s_1x1']:,.0f} | "
+            f"{r['tokens_per_s_2x1']:,.0f} | {r['efficiency']:.2f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
-RENDER = {"parity": _parity, "throughput": _throughput, "ddp": _ddp,
-          "throughput_cuda": _throughput}
+RENDER = {"parity": _parity, "throughput": _throughput, "ddp": _ddp, "throughput_cuda": _throughput}
 
 
 def write_docs(results: dict, path: Path) -> None:
@@ -115,8 +131,9 @@ def write_docs(results: dict, path: Path) -> None:
             text += f"\n{begin}\n{end}\n"
         body = render(results[name])
         block = f"{begin}\n{body}{end}"
-        text = re.sub(re.escape(begin) + r".*?" + re.escape(end), lambda _m, b=block: b, text,
-                      flags=re.S)
+        text = re.sub(
+            re.escape(begin) + r".*?" + re.escape(end), lambda _m, b=block: b, text, flags=re.S
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
 

@@ -61,8 +61,9 @@ class PipelineVariant:
         self.tcfg = t = cfg.train
         self.device = torch.device(device)
         corpus = load_corpus(cfg.data)
-        self.streams = make_train_streams(corpus.splits["train"], t.sampling, t.batch_size,
-                                          t.num_steps, 0, 1, self.device, t.seed)
+        self.streams = make_train_streams(
+            corpus.splits["train"], t.sampling, t.batch_size, t.num_steps, 0, 1, self.device, t.seed
+        )
         torch.manual_seed(t.seed)
         self.model = build_model(cfg.model, len(corpus.vocab)).to(self.device)
         self.params = list(self.model.parameters())
@@ -81,8 +82,9 @@ class PipelineVariant:
         x_BT, y_BT = s.batch(0, self.i)
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(t, self.step_no, 10**9)
-        loss, norm, self.hidden = train_step(self.train_model, self.params, x_BT, y_BT,
-                                             self.hidden, self.optimizer, self.amp, t.clip)
+        loss, norm, self.hidden = train_step(
+            self.train_model, self.params, x_BT, y_BT, self.hidden, self.optimizer, self.amp, t.clip
+        )
         self.acc.add(loss, x_BT.numel(), norm, t.clip)
         self.i = (self.i + 1) % s.epoch_size
         self.step_no += 1
@@ -114,12 +116,16 @@ def variants(args) -> dict:
         name = "fp32" if amp == "off" else amp
         rows[f"rnn_scratch {name}"] = (SCRATCH, [f"train.amp={amp}"])
         if args.compile:
-            rows[f"rnn_scratch {name} compiled"] = (SCRATCH, [f"train.amp={amp}",
-                                                              "train.compile=true"])
+            rows[f"rnn_scratch {name} compiled"] = (
+                SCRATCH,
+                [f"train.amp={amp}", "train.compile=true"],
+            )
     for kind in ("rnn", "gru", "lstm"):
         for amp in amps:
-            rows[f"{kind} {'fp32' if amp == 'off' else amp}"] = (CONCISE, [f"model.kind={kind}",
-                                                                           f"train.amp={amp}"])
+            rows[f"{kind} {'fp32' if amp == 'off' else amp}"] = (
+                CONCISE,
+                [f"model.kind={kind}", f"train.amp={amp}"],
+            )
     return rows
 
 
@@ -159,13 +165,26 @@ def throughput(args) -> dict:
     seed = next(iter(runners))
     med_w = {n: statistics.median(v) for n, v in wall.items()}
     med_c = {n: statistics.median(v) for n, v in cpu.items()}
-    rows = [{"variant": n, "tokens_per_s": med_w[n], "tokens_per_cpu_s": med_c[n],
-             "ratio_vs_seed": med_w[n] / med_w[seed], "cpu_ratio_vs_seed": med_c[n] / med_c[seed],
-             "fraction_of_fp32_ceiling": med_w[n] / CEILING_FP32,
-             "rounds_tokens_per_s": wall[n]} for n in runners]
-    return {"device": args.device, "threads": args.threads, "rounds": args.rounds,
-            "steps_per_round": args.steps,
-            "tokens_per_step": 32 * 35, "rows": rows}
+    rows = [
+        {
+            "variant": n,
+            "tokens_per_s": med_w[n],
+            "tokens_per_cpu_s": med_c[n],
+            "ratio_vs_seed": med_w[n] / med_w[seed],
+            "cpu_ratio_vs_seed": med_c[n] / med_c[seed],
+            "fraction_of_fp32_ceiling": med_w[n] / CEILING_FP32,
+            "rounds_tokens_per_s": wall[n],
+        }
+        for n in runners
+    ]
+    return {
+        "device": args.device,
+        "threads": args.threads,
+        "rounds": args.rounds,
+        "steps_per_round": args.steps,
+        "tokens_per_step": 32 * 35,
+        "rows": rows,
+    }
 
 
 # ---------------------------------------------------------------- DDP weak scaling
@@ -173,19 +192,42 @@ def throughput(args) -> dict:
 
 def torchrun_tokens_per_s(world: int, steps: int, log_every: int, amp: str, tmp: Path) -> float:
     run_dir = tmp / f"ddp_w{world}"
-    cmd = ["timeout", "-k", "10", "600", str(Path(sys.executable).with_name("torchrun")),
-           "--standalone", f"--nproc_per_node={world}", "-m", "pipeline", "train",
-           "--config", SCRATCH, f"run.dir={run_dir}", "train.resume=never",
-           "run.overwrite=true", "data.max_chars=0", f"train.batch_size={32 * world}",
-           f"train.max_steps={steps}", "train.epochs=100000", f"train.log_every={log_every}",
-           "train.threads=1", f"train.amp={amp}", "generate.prefixes=[]",
-           "logging.progress=off", "logging.wandb.mode=disabled"]
+    cmd = [
+        "timeout",
+        "-k",
+        "10",
+        "600",
+        str(Path(sys.executable).with_name("torchrun")),
+        "--standalone",
+        f"--nproc_per_node={world}",
+        "-m",
+        "pipeline",
+        "train",
+        "--config",
+        SCRATCH,
+        f"run.dir={run_dir}",
+        "train.resume=never",
+        "run.overwrite=true",
+        "data.max_chars=0",
+        f"train.batch_size={32 * world}",
+        f"train.max_steps={steps}",
+        "train.epochs=100000",
+        f"train.log_every={log_every}",
+        "train.threads=1",
+        f"train.amp={amp}",
+        "generate.prefixes=[]",
+        "logging.progress=off",
+        "logging.wandb.mode=disabled",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"torchrun failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    rates = [e["perf/tokens_per_s"] for e in read_jsonl(run_dir / "metrics.jsonl")
-             if "perf/tokens_per_s" in e]
+    rates = [
+        e["perf/tokens_per_s"]
+        for e in read_jsonl(run_dir / "metrics.jsonl")
+        if "perf/tokens_per_s" in e
+    ]
     return statistics.median(rates[1:] or rates)  # the first interval holds the warm-up
 
 
@@ -195,13 +237,22 @@ def ddp_scaling(args) -> dict:
         for amp in ("off", "bf16"):
             rates = {1: [], 2: []}
             for r in range(args.ddp_rounds):
-                for world in ((1, 2) if r % 2 == 0 else (2, 1)):
-                    rates[world].append(torchrun_tokens_per_s(world, args.ddp_steps,
-                                                              args.ddp_log_every, amp, Path(tmp)))
+                for world in (1, 2) if r % 2 == 0 else (2, 1):
+                    rates[world].append(
+                        torchrun_tokens_per_s(
+                            world, args.ddp_steps, args.ddp_log_every, amp, Path(tmp)
+                        )
+                    )
             one, two = statistics.median(rates[1]), statistics.median(rates[2])
-            out["rows"].append({"amp": "fp32" if amp == "off" else amp, "tokens_per_s_1x1": one,
-                                "tokens_per_s_2x1": two, "efficiency": two / (2 * one),
-                                "rounds": rates})
+            out["rows"].append(
+                {
+                    "amp": "fp32" if amp == "off" else amp,
+                    "tokens_per_s_1x1": one,
+                    "tokens_per_s_2x1": two,
+                    "efficiency": two / (2 * one),
+                    "rounds": rates,
+                }
+            )
             print(f"DDP {amp}: 1 rank {one:.0f}, 2 ranks {two:.0f} tokens/s", flush=True)
     return out
 
@@ -219,15 +270,29 @@ def parity(args) -> dict:
             procs = {}
             for amp in ("off", "bf16"):
                 run_dir = Path(tmp) / f"{name}_{amp}"
-                cmd = [sys.executable, "-m", "pipeline", "train", "--config",
-                       f"configs/{name}.yaml", f"run.dir={run_dir}", "train.resume=never",
-                       "run.overwrite=true", f"train.epochs={epochs}", f"train.amp={amp}",
-                       "train.threads=1", "logging.progress=off", "generate.prefixes=[]"]
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "pipeline",
+                    "train",
+                    "--config",
+                    f"configs/{name}.yaml",
+                    f"run.dir={run_dir}",
+                    "train.resume=never",
+                    "run.overwrite=true",
+                    f"train.epochs={epochs}",
+                    f"train.amp={amp}",
+                    "train.threads=1",
+                    "logging.progress=off",
+                    "generate.prefixes=[]",
+                ]
                 env = {**os.environ, "OMP_NUM_THREADS": "1"}
                 log = open(f"{run_dir}.log", "w")  # a file, not a pipe: polling cannot block
-                procs[amp] = (subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log,
-                                               stderr=subprocess.STDOUT), run_dir,
-                              time.perf_counter())
+                procs[amp] = (
+                    subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT),
+                    run_dir,
+                    time.perf_counter(),
+                )
                 log.close()
             ppl, ended = {}, {}
             while len(ended) < len(procs):  # poll, so each run's own duration is recorded
@@ -239,16 +304,28 @@ def parity(args) -> dict:
                 text = Path(f"{run_dir}.log").read_text(errors="replace")
                 if proc.returncode:
                     raise RuntimeError(f"{name} amp={amp} failed:\n{text[-3000:]}")
-                events = [e for e in read_jsonl(run_dir / "metrics.jsonl")
-                          if "train/perplexity" in e]
+                events = [
+                    e for e in read_jsonl(run_dir / "metrics.jsonl") if "train/perplexity" in e
+                ]
                 ppl[amp] = (events[-1]["train/perplexity"], events[-1]["epoch"], ended[amp])
             fp32, bf16 = ppl["off"][0], ppl["bf16"][0]
-            rows.append({"config": name, "epochs": ppl["off"][1], "chapter": CHAPTER_PPL[name],
-                         "fp32": fp32, "bf16": bf16, "fp32_vs_chapter": fp32 / CHAPTER_PPL[name],
-                         "bf16_vs_fp32": bf16 / fp32, "seconds_fp32": ppl["off"][2],
-                         "seconds_bf16": ppl["bf16"][2]})
-            print(f"{name}: fp32 {fp32:.3f}, bf16 {bf16:.3f} (chapter {CHAPTER_PPL[name]})",
-                  flush=True)
+            rows.append(
+                {
+                    "config": name,
+                    "epochs": ppl["off"][1],
+                    "chapter": CHAPTER_PPL[name],
+                    "fp32": fp32,
+                    "bf16": bf16,
+                    "fp32_vs_chapter": fp32 / CHAPTER_PPL[name],
+                    "bf16_vs_fp32": bf16 / fp32,
+                    "seconds_fp32": ppl["off"][2],
+                    "seconds_bf16": ppl["bf16"][2],
+                }
+            )
+            print(
+                f"{name}: fp32 {fp32:.3f}, bf16 {bf16:.3f} (chapter {CHAPTER_PPL[name]})",
+                flush=True,
+            )
     return {"epochs": epochs, "threads_per_run": 1, "rows": rows}
 
 
@@ -259,17 +336,29 @@ def machine() -> dict:
     model = platform.processor()
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model = next(line.split(":", 1)[1].strip() for line in out.splitlines()
-                     if line.startswith("Model name"))
+        model = next(
+            line.split(":", 1)[1].strip()
+            for line in out.splitlines()
+            if line.startswith("Model name")
+        )
     except (OSError, StopIteration):
         pass
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    info = {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__,
-            "python": platform.python_version(), "avx512_bf16": "avx512_bf16" in flags,
-            "amx": "amx_bf16" in flags, "load_average_at_start": os.getloadavg()[0]}
+    info = {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "avx512_bf16": "avx512_bf16" in flags,
+        "amx": "amx_bf16" in flags,
+        "load_average_at_start": os.getloadavg()[0],
+    }
     if torch.cuda.is_available():
-        info.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda,
-                    cudnn=torch.backends.cudnn.version())
+        info.update(
+            gpu=torch.cuda.get_device_name(),
+            cuda=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version(),
+        )
     return info
 
 
@@ -283,8 +372,12 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=8, help="minibatches per variant per round")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
-                    help="throughput rows only (cuda adds fp16 rows)")
+    ap.add_argument(
+        "--device",
+        default="cpu",
+        choices=["cpu", "cuda"],
+        help="throughput rows only (cuda adds fp16 rows)",
+    )
     ap.add_argument("--ddp-rounds", type=int, default=3)
     ap.add_argument("--ddp-steps", type=int, default=120)
     ap.add_argument("--ddp-log-every", type=int, default=20)
@@ -303,8 +396,12 @@ def main(argv=None) -> int:
     results_path = Path(args.results)
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     command = "python -m bench.run " + " ".join(argv if argv is not None else sys.argv[1:])
-    section = {"machine": machine(), "command": command.strip(), "quick": args.quick,
-               "date": time.strftime("%Y-%m-%d %H:%M")}
+    section = {
+        "machine": machine(),
+        "command": command.strip(),
+        "quick": args.quick,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
     if args.parity:
         results["parity"] = {**section, **parity(args)}
     else:

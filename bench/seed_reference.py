@@ -38,10 +38,10 @@ def load_data_jay_lyrics(max_chars: int = 10000):
 def data_iter_consecutive(corpus_indices, batch_size, num_steps, device=None):
     corpus_indices = torch.tensor(corpus_indices, dtype=torch.float32, device=device)
     batch_len = len(corpus_indices) // batch_size
-    indices = corpus_indices[0: batch_size * batch_len].view(batch_size, batch_len)
+    indices = corpus_indices[0 : batch_size * batch_len].view(batch_size, batch_len)
     for i in range((batch_len - 1) // num_steps):
         i = i * num_steps
-        yield indices[:, i: i + num_steps], indices[:, i + 1: i + num_steps + 1]
+        yield indices[:, i : i + num_steps], indices[:, i + 1 : i + num_steps + 1]
 
 
 def one_hot(x, n_class, dtype=torch.float32):
@@ -58,9 +58,13 @@ def get_params(num_inputs, num_hiddens, num_outputs, device):
     def _one(shape):
         return nn.Parameter(torch.zeros(shape, device=device).normal_(0, 0.01))
 
-    return (_one((num_inputs, num_hiddens)), _one((num_hiddens, num_hiddens)),
-            nn.Parameter(torch.zeros(num_hiddens, device=device)),
-            _one((num_hiddens, num_outputs)), nn.Parameter(torch.zeros(num_outputs, device=device)))
+    return (
+        _one((num_inputs, num_hiddens)),
+        _one((num_hiddens, num_hiddens)),
+        nn.Parameter(torch.zeros(num_hiddens, device=device)),
+        _one((num_hiddens, num_outputs)),
+        nn.Parameter(torch.zeros(num_outputs, device=device)),
+    )
 
 
 def rnn(inputs, state, params):
@@ -76,7 +80,7 @@ def rnn(inputs, state, params):
 def grad_clipping(params, theta, device):
     norm = torch.tensor([0.0], device=device)
     for param in params:
-        norm += (param.grad.data ** 2).sum()
+        norm += (param.grad.data**2).sum()
     norm = norm.sqrt().item()
     if norm > theta:
         for param in params:
@@ -92,8 +96,17 @@ class SeedTrainer:
     """The chapter's train_and_predict_rnn with is_random_iter=False, resumable in chunks of
     minibatches so a benchmark can interleave it with other variants."""
 
-    def __init__(self, device="cpu", num_hiddens=256, batch_size=32, num_steps=35, lr=100.0,
-                 clipping_theta=0.01, max_chars=10000, seed=0):
+    def __init__(
+        self,
+        device="cpu",
+        num_hiddens=256,
+        batch_size=32,
+        num_steps=35,
+        lr=100.0,
+        clipping_theta=0.01,
+        max_chars=10000,
+        seed=0,
+    ):
         torch.manual_seed(seed)
         self.device = torch.device(device)
         self.corpus, _, _, self.vocab_size = load_data_jay_lyrics(max_chars)
@@ -113,8 +126,9 @@ class SeedTrainer:
             self.epochs_done += 1
             self.last_perplexity = math.exp(self.l_sum / self.n) if self.n else math.nan
             self.l_sum, self.n = 0.0, 0
-            self.batches = data_iter_consecutive(self.corpus, self.batch_size, self.num_steps,
-                                                 self.device)
+            self.batches = data_iter_consecutive(
+                self.corpus, self.batch_size, self.num_steps, self.device
+            )
             self.state = (torch.zeros((self.batch_size, self.num_hiddens), device=self.device),)
             return next(self.batches)
 
@@ -151,8 +165,10 @@ def main(argv=None) -> None:
     for _ in range(args.epochs * trainer.epoch_size()):
         tokens += trainer.step()
     seconds = time.perf_counter() - t0
-    print(f"epochs {args.epochs}: perplexity {math.exp(trainer.l_sum / trainer.n):.3f}, "
-          f"{tokens / seconds:.0f} tokens/s ({torch.get_num_threads()} threads)")
+    print(
+        f"epochs {args.epochs}: perplexity {math.exp(trainer.l_sum / trainer.n):.3f}, "
+        f"{tokens / seconds:.0f} tokens/s ({torch.get_num_threads()} threads)"
+    )
 
 
 if __name__ == "__main__":

@@ -59,8 +59,18 @@ def cmd_generate(args) -> int:
     model, vocab, cfg, _ = _load_model(args.checkpoint, args.device)
     for k in range(args.num_samples):
         seed = None if args.seed is None else args.seed + k
-        print(generate(model, vocab, args.prefix, args.length, args.temperature or 0.0,
-                       args.top_k, seed=seed, device=args.device))
+        print(
+            generate(
+                model,
+                vocab,
+                args.prefix,
+                args.length,
+                args.temperature or 0.0,
+                args.top_k,
+                seed=seed,
+                device=args.device,
+            )
+        )
     return 0
 
 
@@ -78,17 +88,32 @@ def cmd_eval(args) -> int:
         model, vocab, cfg, state = _load_model(args.checkpoint, str(ctx.device))
         corpus = load_corpus(cfg.data, ctx)
         if args.split not in corpus.splits:
-            raise DataError(f"split '{args.split}' does not exist for this corpus "
-                            f"(available: {sorted(corpus.splits)})")
+            raise DataError(
+                f"split '{args.split}' does not exist for this corpus "
+                f"(available: {sorted(corpus.splits)})"
+            )
         if corpus.vocab.to_list() != vocab.to_list():
             raise DataError("the corpus now gives a different vocabulary than the checkpoint's")
-        streams = EvalStreams(corpus.splits[args.split], args.batch_size or cfg.eval.batch_size,
-                              cfg.eval.num_steps or cfg.train.num_steps, ctx.rank,
-                              ctx.world_size, ctx.device)
+        streams = EvalStreams(
+            corpus.splits[args.split],
+            args.batch_size or cfg.eval.batch_size,
+            cfg.eval.num_steps or cfg.train.num_steps,
+            ctx.rank,
+            ctx.world_size,
+            ctx.device,
+        )
         out = evaluate(model, streams, Amp(args.amp, ctx.device), ctx.device)
         if ctx.is_main:
-            print(json.dumps({"checkpoint": args.checkpoint, "step": state["step"],
-                              "split": args.split, **out}))
+            print(
+                json.dumps(
+                    {
+                        "checkpoint": args.checkpoint,
+                        "step": state["step"],
+                        "split": args.split,
+                        **out,
+                    }
+                )
+            )
         del model
     finally:
         dist.shutdown()
@@ -118,8 +143,11 @@ def cmd_compare(args) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model (also under torchrun)")
@@ -131,8 +159,12 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint", required=True)
     g.add_argument("--prefix", required=True)
     g.add_argument("--length", type=int, default=50)
-    g.add_argument("--temperature", type=float, default=None,
-                   help="sample at this temperature (default: greedy, as the chapter)")
+    g.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="sample at this temperature (default: greedy, as the chapter)",
+    )
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--num-samples", type=int, default=1)

@@ -19,9 +19,16 @@ import torch
 FORMAT = 1
 STEP_RE = re.compile(r"step_(\d+)\.pt$")
 # Keys whose change makes a checkpoint unusable for a run (named in the error).
-COMPATIBLE_KEYS = ("model.kind", "model.hidden_size", "model.num_layers",
-                   "model.embedding_size", "model.tie_weights", "train.batch_size",
-                   "train.num_steps", "train.sampling")
+COMPATIBLE_KEYS = (
+    "model.kind",
+    "model.hidden_size",
+    "model.num_layers",
+    "model.embedding_size",
+    "model.tie_weights",
+    "train.batch_size",
+    "train.num_steps",
+    "train.sampling",
+)
 
 
 class CheckpointError(RuntimeError):
@@ -79,8 +86,9 @@ def load(path: str | Path, map_location="cpu") -> dict:
     except Exception as err:
         raise CheckpointError(f"checkpoint '{path}' cannot be loaded: {_why(path, err)}") from None
     if not isinstance(state, dict) or "model" not in state or "vocab" not in state:
-        raise CheckpointError(f"checkpoint '{path}' is not a checkpoint of this pipeline "
-                              f"(no 'model'/'vocab' entries)")
+        raise CheckpointError(
+            f"checkpoint '{path}' is not a checkpoint of this pipeline (no 'model'/'vocab' entries)"
+        )
     return state
 
 
@@ -90,8 +98,10 @@ def _why(path: Path, err: Exception) -> str:
         return "truncated or corrupt (not a complete torch.save archive)"
     found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
     if found:
-        return (f"it holds a pickled object ({found.group(1)}) that could run code when "
-                f"loaded; checkpoints hold only tensors and plain values (weights-only)")
+        return (
+            f"it holds a pickled object ({found.group(1)}) that could run code when "
+            f"loaded; checkpoints hold only tensors and plain values (weights-only)"
+        )
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
     return lines[-1] if lines else type(err).__name__
 
@@ -124,8 +134,9 @@ def load_latest_good(run_dir: Path, warn=print) -> tuple[Path, dict] | None:
             warn(f"{e}; falling back to '{path}'")
         return path, state
     if errors:
-        raise CheckpointError("no usable checkpoint in "
-                              f"'{checkpoint_dir(run_dir)}': " + "; ".join(errors))
+        raise CheckpointError(
+            f"no usable checkpoint in '{checkpoint_dir(run_dir)}': " + "; ".join(errors)
+        )
     return None
 
 
@@ -144,11 +155,15 @@ def check_compatible(state: dict, cfg_dict: dict, vocab: list[str], path: Path) 
     saved, now = flatten(state["config"]), flatten(cfg_dict)
     for key in COMPATIBLE_KEYS:
         if saved.get(key) != now.get(key):
-            raise CheckpointError(f"checkpoint '{path}' has {key}={saved.get(key)!r} but this "
-                                  f"run has {key}={now.get(key)!r}; use another run.dir or "
-                                  f"train.resume=never")
+            raise CheckpointError(
+                f"checkpoint '{path}' has {key}={saved.get(key)!r} but this "
+                f"run has {key}={now.get(key)!r}; use another run.dir or "
+                f"train.resume=never"
+            )
     if list(state["vocab"]) != list(vocab):
         diff = len(state["vocab"]) - len(vocab)
-        raise CheckpointError(f"checkpoint '{path}' has a different vocabulary "
-                              f"({len(state['vocab'])} vs {len(vocab)} characters, "
-                              f"{'same size, other order/chars' if not diff else 'other size'})")
+        raise CheckpointError(
+            f"checkpoint '{path}' has a different vocabulary "
+            f"({len(state['vocab'])} vs {len(vocab)} characters, "
+            f"{'same size, other order/chars' if not diff else 'other size'})"
+        )

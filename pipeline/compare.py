@@ -34,9 +34,13 @@ def load_run(path: str) -> dict:
 
         config = flatten(OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml")))
     events = read_jsonl(metrics)
-    return {"name": run_dir.resolve().name, "path": str(run_dir), "config": config,
-            "train": [e for e in events if "train/perplexity" in e],
-            "val": [e for e in events if "val/perplexity" in e]}
+    return {
+        "name": run_dir.resolve().name,
+        "path": str(run_dir),
+        "config": config,
+        "train": [e for e in events if "train/perplexity" in e],
+        "val": [e for e in events if "val/perplexity" in e],
+    }
 
 
 def summarize(run: dict) -> dict:
@@ -108,11 +112,25 @@ def plot(runs: list[dict], path: str) -> None:
             key = f"{kind}/perplexity"
             marker = "o" if kind == "val" else None
             label = f"{run['name']} ({'validation' if kind == 'val' else kind})"
-            by_step.plot([e["step"] for e in events], [e[key] for e in events], style,
-                         color=color, marker=marker, markersize=3, label=label)
+            by_step.plot(
+                [e["step"] for e in events],
+                [e[key] for e in events],
+                style,
+                color=color,
+                marker=marker,
+                markersize=3,
+                label=label,
+            )
             timed = [e for e in events if "time/elapsed_s" in e]
-            by_time.plot([e["time/elapsed_s"] for e in timed], [e[key] for e in timed], style,
-                         color=color, marker=marker, markersize=3, label=label)
+            by_time.plot(
+                [e["time/elapsed_s"] for e in timed],
+                [e[key] for e in timed],
+                style,
+                color=color,
+                marker=marker,
+                markersize=3,
+                label=label,
+            )
     for ax, xlabel in ((by_step, "step"), (by_time, "wall time (s)")):
         ax.set_xlabel(xlabel)
         ax.set_ylabel("perplexity")

@@ -30,9 +30,11 @@ class _YamlLoader(yaml.SafeLoader):
 _BOOL = "tag:yaml.org,2002:bool"
 _YamlLoader.yaml_implicit_resolvers = {
     first: [(tag, rx) for tag, rx in resolvers if tag != _BOOL]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-_YamlLoader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-                                  list("tTfF"))
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YamlLoader.add_implicit_resolver(
+    _BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 
 
 def _parse_yaml(text: str) -> Any:
@@ -163,15 +165,36 @@ CHOICES = {
     "logging.wandb.mode": ("auto", "online", "offline", "disabled"),
     "logging.progress": ("auto", "bar", "lines", "off"),
 }
-POSITIVE = ("train.batch_size", "train.num_steps", "model.hidden_size", "model.num_layers",
-            "eval.batch_size", "train.epochs", "train.eval_every_epochs",
-            "train.signal_check_every")
-NON_NEGATIVE = ("train.max_steps", "train.log_every", "train.eval_every",
-                "train.checkpoint_every", "train.keep_checkpoints", "data.max_chars",
-                "data.max_vocab", "train.warmup_steps", "train.clip", "train.lr",
-                "generate.length", "generate.top_k", "generate.temperature", "eval.num_steps",
-                "train.time_limit", "train.threads", "model.embedding_size",
-                "train.schedule_steps")
+POSITIVE = (
+    "train.batch_size",
+    "train.num_steps",
+    "model.hidden_size",
+    "model.num_layers",
+    "eval.batch_size",
+    "train.epochs",
+    "train.eval_every_epochs",
+    "train.signal_check_every",
+)
+NON_NEGATIVE = (
+    "train.max_steps",
+    "train.log_every",
+    "train.eval_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "data.max_chars",
+    "data.max_vocab",
+    "train.warmup_steps",
+    "train.clip",
+    "train.lr",
+    "generate.length",
+    "generate.top_k",
+    "generate.temperature",
+    "eval.num_steps",
+    "train.time_limit",
+    "train.threads",
+    "model.embedding_size",
+    "train.schedule_steps",
+)
 
 
 def _explain(err: OmegaConfBaseException) -> ConfigError:
@@ -204,8 +227,9 @@ def load(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> C
         try:
             OmegaConf.update(dotlist, key, _parse_yaml(value), force_add=True)
         except yaml.YAMLError as err:
-            raise ConfigError(f"config key '{key}': value {value!r} is not valid YAML: "
-                              f"{str(err).splitlines()[0]}") from None
+            raise ConfigError(
+                f"config key '{key}': value {value!r} is not valid YAML: {str(err).splitlines()[0]}"
+            ) from None
     try:
         merged = OmegaConf.merge(*layers, dotlist)
         cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]

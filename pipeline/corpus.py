@@ -78,8 +78,14 @@ def download(url: str, dest: Path, sha256: str, progress: bool = True) -> Path:
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:
             total = int(resp.headers.get("Content-Length") or 0) or None
-            bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"download {dest.name}",
-                       disable=not progress, file=sys.stderr)
+            bar = tqdm(
+                total=total,
+                unit="B",
+                unit_scale=True,
+                desc=f"download {dest.name}",
+                disable=not progress,
+                file=sys.stderr,
+            )
             got = 0
             while chunk := resp.read(1 << 16):
                 out.write(chunk)
@@ -105,8 +111,10 @@ def download(url: str, dest: Path, sha256: str, progress: bool = True) -> Path:
 def locate_builtin(data: DataConfig) -> Path:
     spec = BUILTIN.get(data.corpus)
     if spec is None:
-        raise DataError(f"config key 'data.corpus': unknown corpus '{data.corpus}' "
-                        f"(built-in: {sorted(BUILTIN)})")
+        raise DataError(
+            f"config key 'data.corpus': unknown corpus '{data.corpus}' "
+            f"(built-in: {sorted(BUILTIN)})"
+        )
     if data.path:
         return Path(data.path)
     env = os.environ.get("PIPELINE_DATA_DIR")
@@ -134,8 +142,10 @@ def read_text(path: Path, member: str | None = None) -> str:
             raw = path.read_bytes()
         return raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise DataError(f"data file '{path}' is not UTF-8 text: byte {err.start} "
-                        f"({raw[err.start:err.start + 1]!r}) is invalid") from None
+        raise DataError(
+            f"data file '{path}' is not UTF-8 text: byte {err.start} "
+            f"({raw[err.start : err.start + 1]!r}) is invalid"
+        ) from None
     except zipfile.BadZipFile as err:
         raise DataError(f"data file '{path}' is a damaged zip: {err}") from None
 
@@ -166,8 +176,12 @@ def load_text_corpus(data: DataConfig) -> Corpus:
         raise DataError(f"data file '{path}' gives an empty training text")
     from collections import Counter
 
-    vocab = Vocab.build(Counter(parts["train"]), data.min_freq, data.max_vocab,
-                        extra=set("".join(v for k, v in parts.items() if k != "train")))
+    vocab = Vocab.build(
+        Counter(parts["train"]),
+        data.min_freq,
+        data.max_vocab,
+        extra=set("".join(v for k, v in parts.items() if k != "train")),
+    )
     return Corpus(vocab, {k: vocab.encode(v) for k, v in parts.items()})
 
 

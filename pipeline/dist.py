@@ -58,17 +58,21 @@ def _restart_store(timeout: timedelta):
         return None
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                          is_master=False, timeout=timeout)
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout
+    )
     run_id = os.environ.get("TORCHELASTIC_RUN_ID", "run")
     return dist.PrefixStore(f"{run_id}/restart_{restart}", store)
 
 
 def init(device: str = "auto", threads: int = 0, timeout_s: float = 1800) -> DistContext:
     world_size = _env_int("WORLD_SIZE", 1)
-    ctx = DistContext(rank=_env_int("RANK", 0), world_size=world_size,
-                      local_rank=_env_int("LOCAL_RANK", 0),
-                      local_world_size=_env_int("LOCAL_WORLD_SIZE", 1))
+    ctx = DistContext(
+        rank=_env_int("RANK", 0),
+        world_size=world_size,
+        local_rank=_env_int("LOCAL_RANK", 0),
+        local_world_size=_env_int("LOCAL_WORLD_SIZE", 1),
+    )
     ctx.device = pick_device(device, ctx.local_rank)
     if "OMP_NUM_THREADS" not in os.environ or threads:
         n = threads or max(1, (os.cpu_count() or 1) // ctx.local_world_size)

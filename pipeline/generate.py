@@ -17,14 +17,23 @@ def check_prefix(prefix: str, vocab: Vocab) -> None:
         raise PrefixError("the prefix is empty: give at least one character")
     missing = vocab.missing(prefix)
     if missing:
-        raise PrefixError(f"prefix {prefix!r} has characters outside the vocabulary "
-                          f"({len(vocab)} characters): {' '.join(repr(c) for c in missing)}")
+        raise PrefixError(
+            f"prefix {prefix!r} has characters outside the vocabulary "
+            f"({len(vocab)} characters): {' '.join(repr(c) for c in missing)}"
+        )
 
 
 @torch.no_grad()
-def generate(model: nn.Module, vocab: Vocab, prefix: str, length: int,
-             temperature: float = 0.0, top_k: int = 0, seed: int | None = None,
-             device: torch.device | str = "cpu") -> str:
+def generate(
+    model: nn.Module,
+    vocab: Vocab,
+    prefix: str,
+    length: int,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    seed: int | None = None,
+    device: torch.device | str = "cpu",
+) -> str:
     """`prefix` followed by `length` generated characters."""
     check_prefix(prefix, vocab)
     device = torch.device(device)

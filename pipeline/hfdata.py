@@ -62,40 +62,54 @@ def open_dataset(data: DataConfig) -> dict:
     local = Path(data.path).expanduser()
     looks_local = local.exists() or data.path.startswith(("/", ".", "~"))
     if looks_local and not local.is_dir():
-        raise DataError(f"config key 'data.path': local dataset folder '{data.path}' does not exist")
+        raise DataError(
+            f"config key 'data.path': local dataset folder '{data.path}' does not exist"
+        )
     try:
         dd = datasets.load_dataset(str(local) if looks_local else data.path, data.name or None)
     except (ConnectionError, FileNotFoundError) as err:
         if datasets.config.HF_HUB_OFFLINE:
-            raise DataError(f"config key 'data.path': '{data.path}' is not a local folder and not "
-                            f"in the Hugging Face cache at {_hf_cache()}, and datasets is offline "
-                            f"(HF_HUB_OFFLINE/HF_DATASETS_OFFLINE=1), so it cannot be downloaded; "
-                            f"run once online or point data.path at a local folder") from None
+            raise DataError(
+                f"config key 'data.path': '{data.path}' is not a local folder and not "
+                f"in the Hugging Face cache at {_hf_cache()}, and datasets is offline "
+                f"(HF_HUB_OFFLINE/HF_DATASETS_OFFLINE=1), so it cannot be downloaded; "
+                f"run once online or point data.path at a local folder"
+            ) from None
         raise DataError(f"config key 'data.path': could not load '{data.path}': {err}") from None
     except datasets.exceptions.DatasetGenerationError as err:
-        raise DataError(f"config key 'data.path': could not read the files of '{data.path}': "
-                        f"{err.__cause__ or err}") from None
+        raise DataError(
+            f"config key 'data.path': could not read the files of '{data.path}': "
+            f"{err.__cause__ or err}"
+        ) from None
     except ValueError as err:  # e.g. an unknown or a missing config name
         key = "data.name" if data.name or "config name" in str(err) else "data.path"
-        raise DataError(f"config key '{key}': could not load '{data.path}' (config "
-                        f"'{data.name}'): {str(err).splitlines()[0]}") from None
+        raise DataError(
+            f"config key '{key}': could not load '{data.path}' (config "
+            f"'{data.name}'): {str(err).splitlines()[0]}"
+        ) from None
     out = {}
     for canon, name in split_names(data).items():
         if name not in dd:
             key = {"train": "train_split", "validation": "valid_split", "test": "test_split"}[canon]
-            raise DataError(f"config key 'data.{key}': dataset '{data.path}' has no split '{name}' "
-                            f"(available: {sorted(dd)}); set data.{key}='' to go without it"
-                            if canon != "train" else
-                            f"config key 'data.train_split': dataset '{data.path}' has no split "
-                            f"'{name}' (available: {sorted(dd)})")
+            raise DataError(
+                f"config key 'data.{key}': dataset '{data.path}' has no split '{name}' "
+                f"(available: {sorted(dd)}); set data.{key}='' to go without it"
+                if canon != "train"
+                else f"config key 'data.train_split': dataset '{data.path}' has no split "
+                f"'{name}' (available: {sorted(dd)})"
+            )
         ds = dd[name]
         if data.text_field not in ds.column_names:
-            raise DataError(f"config key 'data.text_field': split '{name}' of '{data.path}' has no "
-                            f"column '{data.text_field}' (available: {ds.column_names})")
+            raise DataError(
+                f"config key 'data.text_field': split '{name}' of '{data.path}' has no "
+                f"column '{data.text_field}' (available: {ds.column_names})"
+            )
         feature = ds.features[data.text_field]
         if getattr(feature, "dtype", None) not in ("string", "large_string"):
-            raise DataError(f"config key 'data.text_field': column '{data.text_field}' of split "
-                            f"'{name}' holds {feature}, not text")
+            raise DataError(
+                f"config key 'data.text_field': column '{data.text_field}' of split "
+                f"'{name}' holds {feature}, not text"
+            )
         if ds.num_rows == 0:
             raise DataError(f"split '{name}' of dataset '{data.path}' is empty (0 rows)")
         out[canon] = ds
@@ -105,12 +119,19 @@ def open_dataset(data: DataConfig) -> dict:
 def cache_key(data: DataConfig, splits: dict) -> tuple[str, dict]:
     """Everything that changes the prepared ids, hashed. The fingerprints change with the
     dataset's files (and where it is cached), the rest with the config."""
-    inputs = {"format": FORMAT, "path": data.path, "name": data.name,
-              "fingerprints": {k: ds._fingerprint for k, ds in splits.items()},
-              "splits": split_names(data), "text_field": data.text_field,
-              "separator": data.separator, "newlines": data.newlines,
-              "max_chars": data.max_chars, "min_freq": data.min_freq,
-              "max_vocab": data.max_vocab}
+    inputs = {
+        "format": FORMAT,
+        "path": data.path,
+        "name": data.name,
+        "fingerprints": {k: ds._fingerprint for k, ds in splits.items()},
+        "splits": split_names(data),
+        "text_field": data.text_field,
+        "separator": data.separator,
+        "newlines": data.newlines,
+        "max_chars": data.max_chars,
+        "min_freq": data.min_freq,
+        "max_vocab": data.max_vocab,
+    }
     digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
     return digest[:20], inputs
 
@@ -135,8 +156,9 @@ def join_batch(texts: list[str], first_index: int, sep: str, newlines: str) -> s
 
 def text_batches(ds, field: str):
     """(index of the first document, texts) for consecutive batches of BATCH documents."""
-    for lo, batch in zip(range(0, ds.num_rows, BATCH),
-                         ds.select_columns([field]).iter(batch_size=BATCH)):
+    for lo, batch in zip(
+        range(0, ds.num_rows, BATCH), ds.select_columns([field]).iter(batch_size=BATCH)
+    ):
         yield lo, batch[field]
 
 
@@ -188,23 +210,37 @@ def _tokenize_batch(batch, indices, field, sep, newlines, lut, n_vocab, dtype):
     if (ids >= n_vocab).any():  # the marker of lookup_table: only without <unk>, never counted
         raise DataError("a character is missing from the vocabulary (no <unk>); this is a bug")
     ids = ids.astype(dtype)
-    return pa.table({"ids": pa.ListArray.from_arrays(pa.array([0, len(ids)], pa.int32()),
-                                                     pa.array(ids))})
+    return pa.table(
+        {"ids": pa.ListArray.from_arrays(pa.array([0, len(ids)], pa.int32()), pa.array(ids))}
+    )
 
 
-def tokenize(ds, data: DataConfig, lut: np.ndarray, n_vocab: int, dtype: np.dtype, work: Path,
-             name: str):
+def tokenize(
+    ds, data: DataConfig, lut: np.ndarray, n_vocab: int, dtype: np.dtype, work: Path, name: str
+):
     """Dataset.map(batched, num_proc): one row of ids per batch, rows in document order."""
     return ds.with_format("arrow").map(
-        _tokenize_batch, batched=True, batch_size=BATCH, with_indices=True,
-        remove_columns=ds.column_names, num_proc=data.num_proc if data.num_proc > 1 else None,
-        fn_kwargs=dict(field=data.text_field, sep=data.separator, newlines=data.newlines,
-                       lut=lut, n_vocab=n_vocab, dtype=dtype),
-        cache_file_name=str(work / f"{name}.arrow"), load_from_cache_file=False,
+        _tokenize_batch,
+        batched=True,
+        batch_size=BATCH,
+        with_indices=True,
+        remove_columns=ds.column_names,
+        num_proc=data.num_proc if data.num_proc > 1 else None,
+        fn_kwargs=dict(
+            field=data.text_field,
+            sep=data.separator,
+            newlines=data.newlines,
+            lut=lut,
+            n_vocab=n_vocab,
+            dtype=dtype,
+        ),
+        cache_file_name=str(work / f"{name}.arrow"),
+        load_from_cache_file=False,
         # our own fingerprint: datasets need not hash the lookup table (and keeps it short,
         # as datasets appends per-worker suffixes to it)
         new_fingerprint=hashlib.sha256(f"{work}/{name}".encode()).hexdigest()[:32],
-        desc=f"tokenize {name}")
+        desc=f"tokenize {name}",
+    )
 
 
 def write_ids(mapped, path: Path, limit: int) -> dict:
@@ -232,17 +268,24 @@ def build(data: DataConfig, splits: dict, folder: Path, inputs: dict) -> dict:
     for name, ds in parts.items():
         counts[name], doc_chars = count_chars(ds, data)
         if doc_chars == 0:
-            raise DataError(f"split '{split_names(data)[name]}' of dataset '{data.path}' is "
-                            f"empty: its {ds.num_rows} rows have no text in column "
-                            f"'{data.text_field}'")
+            raise DataError(
+                f"split '{split_names(data)[name]}' of dataset '{data.path}' is "
+                f"empty: its {ds.num_rows} rows have no text in column "
+                f"'{data.text_field}'"
+            )
     extra = set().union(*(c.keys() for k, c in counts.items() if k != "train"))
     vocab = Vocab.build(counts["train"], data.min_freq, data.max_vocab, extra=extra)
     lut, dtype = lookup_table(vocab), vocab.dtype()
     folder.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
     try:
-        meta = {"format": FORMAT, "inputs": inputs, "vocab": vocab.to_list(),
-                "dtype": dtype.name, "splits": {}}
+        meta = {
+            "format": FORMAT,
+            "inputs": inputs,
+            "vocab": vocab.to_list(),
+            "dtype": dtype.name,
+            "splits": {},
+        }
         for name, ds in parts.items():
             mapped = tokenize(ds, data, lut, len(vocab), dtype, work, name)
             info = write_ids(mapped, work / f"{name}.bin", data.max_chars)
@@ -252,8 +295,11 @@ def build(data: DataConfig, splits: dict, folder: Path, inputs: dict) -> dict:
             meta["splits"][name] = {**info, "documents": ds.num_rows}
         seconds = time.perf_counter() - t0
         chars = sum(s["length"] for s in meta["splits"].values())
-        meta["build"] = {"seconds": round(seconds, 3), "chars_per_s": round(chars / seconds),
-                         "num_proc": data.num_proc}
+        meta["build"] = {
+            "seconds": round(seconds, 3),
+            "chars_per_s": round(chars / seconds),
+            "num_proc": data.num_proc,
+        }
         (work / "meta.json").write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
         _replace_dir(work, folder)
     finally:
@@ -302,8 +348,10 @@ def verify(folder: Path, full: bool) -> dict | None:
 def open_prepared(folder: Path, meta: dict) -> Corpus:
     """Read-only memmaps: pages are read on demand, so a rank touches only its own rows."""
     dtype = np.dtype(meta["dtype"])
-    splits = {name: np.memmap(folder / info["file"], dtype=dtype, mode="r", shape=(info["length"],))
-              for name, info in meta["splits"].items()}
+    splits = {
+        name: np.memmap(folder / info["file"], dtype=dtype, mode="r", shape=(info["length"],))
+        for name, info in meta["splits"].items()
+    }
     return Corpus(Vocab(meta["vocab"]), splits)
 
 

@@ -47,12 +47,15 @@ class _HalfCrossEntropy(torch.autograd.Function):
         return grad_NV, None, None
 
 
-def cross_entropy(logits_NV: torch.Tensor, target_N: torch.Tensor, ignore_index: int = -100,
-                  reduction: str = "mean") -> torch.Tensor:
+def cross_entropy(
+    logits_NV: torch.Tensor,
+    target_N: torch.Tensor,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> torch.Tensor:
     """F.cross_entropy semantics (mean over non-ignored targets, or sum)."""
     if logits_NV.dtype == torch.float32 or logits_NV.dtype == torch.float64:
-        return F.cross_entropy(logits_NV, target_N, ignore_index=ignore_index,
-                               reduction=reduction)
+        return F.cross_entropy(logits_NV, target_N, ignore_index=ignore_index, reduction=reduction)
     nll_N = _HalfCrossEntropy.apply(logits_NV, target_N, ignore_index)
     if reduction == "sum":
         return nll_N.sum()

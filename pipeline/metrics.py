@@ -36,10 +36,16 @@ class TrainAccumulator:
     def add(self, loss: torch.Tensor, tokens: int, norm: torch.Tensor, clip: float) -> None:
         finite = torch.isfinite(norm)
         clipped = (norm > clip) if clip > 0 else torch.zeros_like(finite)
-        step = torch.stack([loss.double() * tokens, torch.tensor(float(tokens), device=norm.device,
-                            dtype=torch.float64), torch.where(finite, norm, 0).double(),
-                            clipped.double(), (~finite).double(),
-                            torch.ones((), dtype=torch.float64, device=norm.device)])
+        step = torch.stack(
+            [
+                loss.double() * tokens,
+                torch.tensor(float(tokens), device=norm.device, dtype=torch.float64),
+                torch.where(finite, norm, 0).double(),
+                clipped.double(),
+                (~finite).double(),
+                torch.ones((), dtype=torch.float64, device=norm.device),
+            ]
+        )
         self.sums += step
 
     def reduce(self, world_size: int) -> dict:
@@ -49,13 +55,16 @@ class TrainAccumulator:
         steps_per_rank = steps / world_size
         elapsed = time.perf_counter() - self.t0
         loss = loss_tok / max(tokens, 1)
-        out = {"train/loss": loss, "train/perplexity": perplexity(loss),
-               "train/bpc": loss / LN2,
-               "opt/grad_norm": norm / world_size / max(steps_per_rank - skipped / world_size, 1),
-               "opt/clipped": clipped / max(steps, 1),
-               "amp/skipped_steps": skipped / world_size,
-               "perf/tokens_per_s": tokens / max(elapsed, 1e-9),
-               "_tokens": tokens}
+        out = {
+            "train/loss": loss,
+            "train/perplexity": perplexity(loss),
+            "train/bpc": loss / LN2,
+            "opt/grad_norm": norm / world_size / max(steps_per_rank - skipped / world_size, 1),
+            "opt/clipped": clipped / max(steps, 1),
+            "amp/skipped_steps": skipped / world_size,
+            "perf/tokens_per_s": tokens / max(elapsed, 1e-9),
+            "_tokens": tokens,
+        }
         self.sums.zero_()
         self.t0 = time.perf_counter()
         return out
@@ -92,13 +101,18 @@ class Progress:
     def update(self, step: int, metrics: dict) -> None:
         if self.bar is not None:
             self.bar.n = step
-            self.bar.set_postfix(ppl=f"{metrics['train/perplexity']:.2f}",
-                                 tok_s=f"{metrics['perf/tokens_per_s']:.0f}", refresh=True)
+            self.bar.set_postfix(
+                ppl=f"{metrics['train/perplexity']:.2f}",
+                tok_s=f"{metrics['perf/tokens_per_s']:.0f}",
+                refresh=True,
+            )
         elif self.mode == "lines":
-            self.write(f"step {step} epoch {metrics.get('epoch', 0)}: train perplexity "
-                       f"{metrics['train/perplexity']:.3f}, loss {metrics['train/loss']:.4f}, "
-                       f"grad norm {metrics['opt/grad_norm']:.3g}, "
-                       f"{metrics['perf/tokens_per_s']:.0f} tokens/s")
+            self.write(
+                f"step {step} epoch {metrics.get('epoch', 0)}: train perplexity "
+                f"{metrics['train/perplexity']:.3f}, loss {metrics['train/loss']:.4f}, "
+                f"grad norm {metrics['opt/grad_norm']:.3g}, "
+                f"{metrics['perf/tokens_per_s']:.0f} tokens/s"
+            )
 
     def write(self, line: str) -> None:
         if self.mode == "off":
@@ -127,8 +141,18 @@ class RunLogger:
     event, so events go straight through.
     """
 
-    def __init__(self, run_dir: Path, cfg, cfg_dict: dict, world_size: int, device: torch.device,
-                 run_id: str, resume_step: int, enabled: bool, hold: bool = False):
+    def __init__(
+        self,
+        run_dir: Path,
+        cfg,
+        cfg_dict: dict,
+        world_size: int,
+        device: torch.device,
+        run_id: str,
+        resume_step: int,
+        enabled: bool,
+        hold: bool = False,
+    ):
         self.enabled = enabled
         self.wandb = None
         self.hold = hold
@@ -158,15 +182,29 @@ class RunLogger:
         root = Path(os.environ.get("WANDB_DIR") or Path(cfg.run.dir).resolve())
         root.mkdir(parents=True, exist_ok=True)  # wandb falls back to /tmp if it is missing
         amp = cfg_dict["train"]["amp"]
-        tags = list(w.tags) or [cfg.model.kind, cfg.train.sampling, f"world{world_size}",
-                                f"amp-{amp}", device.type]
+        tags = list(w.tags) or [
+            cfg.model.kind,
+            cfg.train.sampling,
+            f"world{world_size}",
+            f"amp-{amp}",
+            device.type,
+        ]
         config = flatten(cfg_dict)
         config.update(provenance(world_size))
         self.wandb = wandb.init(
-            project=w.project, entity=w.entity or None, name=w.name or cfg.run.name,
-            group=w.group or cfg.run.name, tags=tags, notes=w.notes or None, config=config,
-            id=run_id, resume="allow", mode=mode, dir=str(root),
-            settings=wandb.Settings(console="off", silent=True))
+            project=w.project,
+            entity=w.entity or None,
+            name=w.name or cfg.run.name,
+            group=w.group or cfg.run.name,
+            tags=tags,
+            notes=w.notes or None,
+            config=config,
+            id=run_id,
+            resume="allow",
+            mode=mode,
+            dir=str(root),
+            settings=wandb.Settings(console="off", silent=True),
+        )
         # x axis: the global step (wandb's _step) by default; characters seen as an option.
         self.wandb.define_metric("train/chars")
         self.wandb.define_metric("*", step_metric="train/chars", step_sync=True)
@@ -187,14 +225,18 @@ class RunLogger:
         self.commit()
 
     def _wandb_values(self, event: dict) -> dict:
-        out = {k: v for k, v in event.items() if k != "step"
-               and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        out = {
+            k: v
+            for k, v in event.items()
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
         if "samples" in event:
             import wandb
 
-            out["samples"] = wandb.Table(columns=["step", "prefix", "text"],
-                                         data=[[event["step"], r["prefix"], r["text"]]
-                                               for r in event["samples"]])
+            out["samples"] = wandb.Table(
+                columns=["step", "prefix", "text"],
+                data=[[event["step"], r["prefix"], r["text"]] for r in event["samples"]],
+            )
         return out
 
     def log(self, step: int, metrics: dict) -> None:

@@ -85,8 +85,7 @@ class ScratchRNN(nn.Module):
     def forward(self, x_BT: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         dtype = compute_dtype(x_BT.device)
         xw_TBH = F.embedding(x_BT.t(), self.W_xh) + self.b_h  # == one_hot(x) @ W_xh + b_h
-        h_TBH = TanhRecurrence.apply(xw_TBH.to(dtype), state[0][0].to(dtype),
-                                     self.W_hh.to(dtype))
+        h_TBH = TanhRecurrence.apply(xw_TBH.to(dtype), state[0][0].to(dtype), self.W_hh.to(dtype))
         T, B, H = h_TBH.shape
         logits_TBV = torch.addmm(self.b_q, h_TBH.view(T * B, H), self.W_hq).view(T, B, -1)
         return logits_TBV, (h_TBH[-1].float().unsqueeze(0),)
@@ -98,20 +97,31 @@ class TorchRNN(nn.Module):
 
     CELLS = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
 
-    def __init__(self, kind: str, vocab_size: int, hidden_size: int, num_layers: int = 1,
-                 dropout: float = 0.0, embedding_size: int = 0, tie_weights: bool = False):
+    def __init__(
+        self,
+        kind: str,
+        vocab_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        dropout: float = 0.0,
+        embedding_size: int = 0,
+        tie_weights: bool = False,
+    ):
         super().__init__()
         emb = embedding_size or hidden_size
         self.kind, self.hidden_size, self.num_layers = kind, hidden_size, num_layers
         self.embedding = nn.Embedding(vocab_size, emb)
         self.drop = nn.Dropout(dropout)
-        self.rnn = self.CELLS[kind](emb, hidden_size, num_layers,
-                                    dropout=dropout if num_layers > 1 else 0.0)
+        self.rnn = self.CELLS[kind](
+            emb, hidden_size, num_layers, dropout=dropout if num_layers > 1 else 0.0
+        )
         self.dense = nn.Linear(hidden_size, vocab_size)
         if tie_weights:
             if emb != hidden_size:
-                raise ConfigError(f"config key 'model.tie_weights': needs model.embedding_size "
-                                  f"({emb}) == model.hidden_size ({hidden_size})")
+                raise ConfigError(
+                    f"config key 'model.tie_weights': needs model.embedding_size "
+                    f"({emb}) == model.hidden_size ({hidden_size})"
+                )
             self.dense.weight = self.embedding.weight
 
     def init_state(self, batch_size: int, device: torch.device) -> State:
@@ -128,15 +138,32 @@ class TorchRNN(nn.Module):
 
 def build_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
     if cfg.kind == "rnn_scratch":
-        ignored = [f"model.{k}={v}" for k, v in (("num_layers", cfg.num_layers),
-                   ("dropout", cfg.dropout), ("embedding_size", cfg.embedding_size),
-                   ("tie_weights", cfg.tie_weights)) if v and not (k == "num_layers" and v == 1)]
+        ignored = [
+            f"model.{k}={v}"
+            for k, v in (
+                ("num_layers", cfg.num_layers),
+                ("dropout", cfg.dropout),
+                ("embedding_size", cfg.embedding_size),
+                ("tie_weights", cfg.tie_weights),
+            )
+            if v and not (k == "num_layers" and v == 1)
+        ]
         if ignored:  # any config runs with any model.kind; say what does not apply
-            warnings.warn("model.kind=rnn_scratch is the chapter's one-layer model without "
-                          f"dropout or embedding; ignoring {', '.join(ignored)}", stacklevel=2)
+            warnings.warn(
+                "model.kind=rnn_scratch is the chapter's one-layer model without "
+                f"dropout or embedding; ignoring {', '.join(ignored)}",
+                stacklevel=2,
+            )
         return ScratchRNN(vocab_size, cfg.hidden_size, cfg.init_std)
-    return TorchRNN(cfg.kind, vocab_size, cfg.hidden_size, cfg.num_layers, cfg.dropout,
-                    cfg.embedding_size, cfg.tie_weights)
+    return TorchRNN(
+        cfg.kind,
+        vocab_size,
+        cfg.hidden_size,
+        cfg.num_layers,
+        cfg.dropout,
+        cfg.embedding_size,
+        cfg.tie_weights,
+    )
 
 
 def detach_state(state: State) -> State:

@@ -27,11 +27,15 @@ IGNORE = -100  # target id that cross_entropy skips (padding of validation rows)
 
 def local_batch(batch_size: int, world_size: int) -> int:
     if world_size > batch_size:
-        raise DataError(f"world size {world_size} is larger than train.batch_size={batch_size}: "
-                        f"every rank needs at least one stream")
+        raise DataError(
+            f"world size {world_size} is larger than train.batch_size={batch_size}: "
+            f"every rank needs at least one stream"
+        )
     if batch_size % world_size:
-        raise DataError(f"train.batch_size={batch_size} is not divisible by the world size "
-                        f"{world_size}: each rank needs batch_size / world_size streams")
+        raise DataError(
+            f"train.batch_size={batch_size} is not divisible by the world size "
+            f"{world_size}: each rank needs batch_size / world_size streams"
+        )
     return batch_size // world_size
 
 
@@ -47,19 +51,28 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 
 class ConsecutiveStreams:
-    def __init__(self, ids: np.ndarray, batch_size: int, num_steps: int, rank: int,
-                 world_size: int, device: torch.device):
+    def __init__(
+        self,
+        ids: np.ndarray,
+        batch_size: int,
+        num_steps: int,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+    ):
         self.b = local_batch(batch_size, world_size)
         self.T = num_steps
         self.batch_len = len(ids) // batch_size
         self.epoch_size = (self.batch_len - 1) // num_steps
         if self.epoch_size < 1:
             need = batch_size * (num_steps + 1)
-            raise DataError(f"training split has {len(ids)} characters; consecutive sampling "
-                            f"with batch_size={batch_size} and num_steps={num_steps} needs at "
-                            f"least {need}")
+            raise DataError(
+                f"training split has {len(ids)} characters; consecutive sampling "
+                f"with batch_size={batch_size} and num_steps={num_steps} needs at "
+                f"least {need}"
+            )
         start = rank * self.b * self.batch_len
-        shard = ids[start: start + self.b * self.batch_len].reshape(self.b, self.batch_len)
+        shard = ids[start : start + self.b * self.batch_len].reshape(self.b, self.batch_len)
         # Small in-memory corpora go to the device once; memory-mapped ones are sliced per batch
         # so that resident memory does not grow with the corpus.
         self.lazy = isinstance(ids, np.memmap)
@@ -69,24 +82,34 @@ class ConsecutiveStreams:
     def batch(self, epoch: int, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         lo = i * self.T
         if self.lazy:
-            xy = _to_device(self.rows[:, lo: lo + self.T + 1], self.device)
+            xy = _to_device(self.rows[:, lo : lo + self.T + 1], self.device)
         else:
-            xy = self.rows[:, lo: lo + self.T + 1]
+            xy = self.rows[:, lo : lo + self.T + 1]
         return xy[:, :-1], xy[:, 1:]
 
 
 class RandomWindows:
-    def __init__(self, ids: np.ndarray, batch_size: int, num_steps: int, rank: int,
-                 world_size: int, device: torch.device, seed: int):
+    def __init__(
+        self,
+        ids: np.ndarray,
+        batch_size: int,
+        num_steps: int,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        seed: int,
+    ):
         self.b = local_batch(batch_size, world_size)
         self.B, self.T, self.rank, self.seed = batch_size, num_steps, rank, seed
         self.num_examples = (len(ids) - 1) // num_steps
         self.epoch_size = self.num_examples // batch_size
         if self.epoch_size < 1:
             need = batch_size * num_steps + 1
-            raise DataError(f"training split has {len(ids)} characters; random sampling with "
-                            f"batch_size={batch_size} and num_steps={num_steps} needs at least "
-                            f"{need}")
+            raise DataError(
+                f"training split has {len(ids)} characters; random sampling with "
+                f"batch_size={batch_size} and num_steps={num_steps} needs at least "
+                f"{need}"
+            )
         self.lazy = isinstance(ids, np.memmap)
         self.ids = ids if self.lazy else _to_device(ids, device)
         self.device = device
@@ -101,7 +124,7 @@ class RandomWindows:
 
     def batch(self, epoch: int, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         lo = i * self.B + self.rank * self.b
-        starts = self.permutation(epoch)[lo: lo + self.b] * self.T
+        starts = self.permutation(epoch)[lo : lo + self.b] * self.T
         if self.lazy:
             idx = starts.numpy()[:, None] + np.arange(self.T + 1)
             xy = _to_device(self.ids[idx], self.device)
@@ -134,23 +157,30 @@ class EvalStreams:
     with the state carried; rank r evaluates rows [r*b, (r+1)*b). Rows are padded with
     IGNORE targets, so the summed loss covers each target exactly once."""
 
-    def __init__(self, ids: np.ndarray, batch_size: int, num_steps: int, rank: int,
-                 world_size: int, device: torch.device):
+    def __init__(
+        self,
+        ids: np.ndarray,
+        batch_size: int,
+        num_steps: int,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+    ):
         if len(ids) < 2:
             raise DataError(f"evaluation split has {len(ids)} characters; need at least 2")
         batch_size = min(batch_size, len(ids) - 1)
         batch_size = -(-batch_size // world_size) * world_size  # round up to a multiple of W
         self.b = batch_size // world_size
-        bounds = eval_row_bounds(len(ids), batch_size)[rank * self.b: (rank + 1) * self.b]
+        bounds = eval_row_bounds(len(ids), batch_size)[rank * self.b : (rank + 1) * self.b]
         width = max(1, -(-(len(ids) - 1) // batch_size))
         x = np.zeros((self.b, width), dtype=np.int64)
         y = np.full((self.b, width), IGNORE, dtype=np.int64)
         for row, (start, length) in enumerate(bounds):
-            x[row, :length] = ids[start: start + length]
-            y[row, :length] = ids[start + 1: start + length + 1]
+            x[row, :length] = ids[start : start + length]
+            y[row, :length] = ids[start + 1 : start + length + 1]
         self.x, self.y = _to_device(x, device), _to_device(y, device)
         self.T = num_steps
 
     def __iter__(self):
         for lo in range(0, self.x.shape[1], self.T):
-            yield self.x[:, lo: lo + self.T], self.y[:, lo: lo + self.T]
+            yield self.x[:, lo : lo + self.T], self.y[:, lo : lo + self.T]

@@ -60,7 +60,9 @@ def lr_at(cfg, step: int, total_steps: int) -> float:
     if cfg.schedule == "constant" or total_steps <= cfg.warmup_steps:
         return cfg.lr
     frac = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+    return cfg.lr * (
+        cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
+    )
 
 
 def schedule_steps(tcfg, epoch_size: int) -> int:
@@ -74,9 +76,11 @@ def warn_schedule_change(saved_train: dict, tcfg, epoch_size: int, log) -> None:
     was = schedule_steps(SimpleNamespace(**{"schedule_steps": 0, **saved_train}), epoch_size)
     now = schedule_steps(tcfg, epoch_size)
     if tcfg.schedule == "cosine" and was != now:
-        log(f"warning: the cosine LR schedule spanned {was} steps in the checkpoint and spans "
+        log(
+            f"warning: the cosine LR schedule spanned {was} steps in the checkpoint and spans "
             f"{now} now, so the learning rate differs from here on; set "
-            f"train.schedule_steps={was} to keep the saved schedule")
+            f"train.schedule_steps={was} to keep the saved schedule"
+        )
 
 
 def clip_grad_global(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
@@ -91,12 +95,12 @@ def clip_grad_global(params: list[torch.Tensor], max_norm: float) -> torch.Tenso
 
 def lm_loss(logits_TBV: torch.Tensor, y_BT: torch.Tensor, reduction: str = "mean"):
     """Mean (or summed) cross-entropy, accumulated in fp32 whatever the logits' dtype."""
-    return cross_entropy(logits_TBV.flatten(0, 1), y_BT.t().reshape(-1), ignore_index=IGNORE,
-                         reduction=reduction)
+    return cross_entropy(
+        logits_TBV.flatten(0, 1), y_BT.t().reshape(-1), ignore_index=IGNORE, reduction=reduction
+    )
 
 
-def train_step(train_model, params, x_BT, y_BT, state: State, optimizer, amp: Amp,
-               clip: float):
+def train_step(train_model, params, x_BT, y_BT, state: State, optimizer, amp: Amp, clip: float):
     with amp.autocast():
         logits_TBV, state = train_model(x_BT, state)
     loss = lm_loss(logits_TBV, y_BT)
@@ -169,8 +173,9 @@ class Position:
     train_time: float = 0.0  # seconds of training before this process started
 
 
-def training_state(model, optimizer, amp, pos, hidden, vocab, cfg_dict, run_id, best_val,
-                   ctx, sampling) -> dict:
+def training_state(
+    model, optimizer, amp, pos, hidden, vocab, cfg_dict, run_id, best_val, ctx, sampling
+) -> dict:
     """Collective: gathers every rank's hidden state and dropout RNG."""
     hidden_global = []
     if sampling == "consecutive" and pos.batch > 0:
@@ -178,18 +183,28 @@ def training_state(model, optimizer, amp, pos, hidden, vocab, cfg_dict, run_id, 
     rng = torch.get_rng_state()
     rngs = dist.all_gather_cat(rng.to(ctx.device).unsqueeze(0), dim=0).cpu()
     return {
-        "format": ckpt.FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-        "scaler": amp.scaler.state_dict(), "step": pos.step, "epoch": pos.epoch,
-        "batch_in_epoch": pos.batch, "train_time": pos.train_time, "hidden": hidden_global,
-        "rng_per_rank": rngs, "world_size": ctx.world_size, "vocab": vocab.to_list(),
-        "config": cfg_dict, "wandb_run_id": run_id, "best_val_loss": best_val,
+        "format": ckpt.FORMAT,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": amp.scaler.state_dict(),
+        "step": pos.step,
+        "epoch": pos.epoch,
+        "batch_in_epoch": pos.batch,
+        "train_time": pos.train_time,
+        "hidden": hidden_global,
+        "rng_per_rank": rngs,
+        "world_size": ctx.world_size,
+        "vocab": vocab.to_list(),
+        "config": cfg_dict,
+        "wandb_run_id": run_id,
+        "best_val_loss": best_val,
     }
 
 
 def restore_hidden(saved: list, ctx, b: int) -> State:
     """Split the GLOBAL (layers, batch, hidden) state for this rank, whatever W saved it."""
     lo = ctx.rank * b
-    return tuple(h[:, lo: lo + b].contiguous().to(ctx.device) for h in saved)
+    return tuple(h[:, lo : lo + b].contiguous().to(ctx.device) for h in saved)
 
 
 def restore_rng(state: dict, ctx, seed: int) -> None:
@@ -203,12 +218,13 @@ def restore_rng(state: dict, ctx, seed: int) -> None:
 def resolve_resume(cfg: Config, run_dir: Path, log) -> tuple[Path, dict] | None:
     mode = cfg.train.resume
     if mode == "never":
-        existing = ckpt.candidates(run_dir) + [p for p in [run_dir / "metrics.jsonl"]
-                                               if p.exists()]
+        existing = ckpt.candidates(run_dir) + [p for p in [run_dir / "metrics.jsonl"] if p.exists()]
         if existing and not cfg.run.overwrite:
-            raise ConfigError(f"run directory '{run_dir}' already holds a run "
-                              f"({existing[0].name}); with train.resume=never set "
-                              f"run.overwrite=true to replace it, or choose another run.dir")
+            raise ConfigError(
+                f"run directory '{run_dir}' already holds a run "
+                f"({existing[0].name}); with train.resume=never set "
+                f"run.overwrite=true to replace it, or choose another run.dir"
+            )
         return None
     if mode == "auto":
         return ckpt.load_latest_good(run_dir, warn=log)
@@ -241,14 +257,27 @@ def _train(cfg: Config, ctx: dist.DistContext) -> dict:
     # Data: every rank builds the same vocabulary and ids (a pure function of the corpus).
     corpus = load_corpus(cfg.data, ctx)
     vocab: Vocab = corpus.vocab
-    streams = make_train_streams(corpus.splits["train"], tcfg.sampling, tcfg.batch_size,
-                                 tcfg.num_steps, ctx.rank, ctx.world_size, ctx.device, tcfg.seed)
+    streams = make_train_streams(
+        corpus.splits["train"],
+        tcfg.sampling,
+        tcfg.batch_size,
+        tcfg.num_steps,
+        ctx.rank,
+        ctx.world_size,
+        ctx.device,
+        tcfg.seed,
+    )
     dist.check_same(streams.epoch_size, "minibatches per epoch")
     valid = None
     if "validation" in corpus.splits:
-        valid = EvalStreams(corpus.splits["validation"], cfg.eval.batch_size,
-                            cfg.eval.num_steps or tcfg.num_steps, ctx.rank, ctx.world_size,
-                            ctx.device)
+        valid = EvalStreams(
+            corpus.splits["validation"],
+            cfg.eval.batch_size,
+            cfg.eval.num_steps or tcfg.num_steps,
+            ctx.rank,
+            ctx.world_size,
+            ctx.device,
+        )
 
     # Model, optimizer, AMP; then any checkpoint; DDP wraps the model only after loading.
     torch.manual_seed(tcfg.seed)
@@ -267,15 +296,18 @@ def _train(cfg: Config, ctx: dist.DistContext) -> dict:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         amp.scaler.load_state_dict(saved["scaler"]) if saved["scaler"] else None
-        pos = Position(saved["step"], saved["epoch"], saved["batch_in_epoch"],
-                       saved.get("train_time", 0.0))
+        pos = Position(
+            saved["step"], saved["epoch"], saved["batch_in_epoch"], saved.get("train_time", 0.0)
+        )
         if saved["hidden"]:
             hidden = restore_hidden(saved["hidden"], ctx, streams.b)
         restore_rng(saved, ctx, tcfg.seed)
         warn_schedule_change(saved["config"]["train"], tcfg, streams.epoch_size, log)
         run_id, best_val = saved.get("wandb_run_id", ""), saved.get("best_val_loss", math.inf)
-        log(f"resumed from '{path}' at step {pos.step} (epoch {pos.epoch}, "
-            f"minibatch {pos.batch}; saved with {saved.get('world_size')} ranks)")
+        log(
+            f"resumed from '{path}' at step {pos.step} (epoch {pos.epoch}, "
+            f"minibatch {pos.batch}; saved with {saved.get('world_size')} ranks)"
+        )
         del saved
     run_id = run_id or dist.broadcast_object(_new_run_id())
     train_model = DDP(model) if ctx.distributed else model
@@ -288,17 +320,39 @@ def _train(cfg: Config, ctx: dist.DistContext) -> dict:
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(config_mod.dump(cfg), encoding="utf-8")
-    logger = RunLogger(run_dir, cfg, cfg_dict, ctx.world_size, ctx.device, run_id, pos.step,
-                       ctx.is_main, hold=tcfg.checkpoint_every > 0)
+    logger = RunLogger(
+        run_dir,
+        cfg,
+        cfg_dict,
+        ctx.world_size,
+        ctx.device,
+        run_id,
+        pos.step,
+        ctx.is_main,
+        hold=tcfg.checkpoint_every > 0,
+    )
     progress = Progress(cfg.logging.progress if ctx.is_main else "off", total_steps, pos.step)
-    log(f"{cfg.model.kind}: {sum(p.numel() for p in params):,} parameters, vocabulary "
+    log(
+        f"{cfg.model.kind}: {sum(p.numel() for p in params):,} parameters, vocabulary "
         f"{len(vocab)}, {streams.epoch_size} minibatches/epoch, world size {ctx.world_size}, "
-        f"device {ctx.device}, amp {amp.mode}")
+        f"device {ctx.device}, amp {amp.mode}"
+    )
 
     def save(path_name: str, periodic: bool) -> None:
         """Collective (gathers state); rank 0 writes; everyone waits for the file."""
-        state = training_state(model, optimizer, amp, pos, hidden, vocab, cfg_dict, run_id,
-                               best_val, ctx, tcfg.sampling)
+        state = training_state(
+            model,
+            optimizer,
+            amp,
+            pos,
+            hidden,
+            vocab,
+            cfg_dict,
+            run_id,
+            best_val,
+            ctx,
+            tcfg.sampling,
+        )
         if ctx.is_main:
             cdir = ckpt.checkpoint_dir(run_dir)
             if periodic:
@@ -323,17 +377,26 @@ def _train(cfg: Config, ctx: dist.DistContext) -> dict:
             improved = v["loss"] < best_val
             best_val = min(best_val, v["loss"])
             logger.log(pos.step, {**out, "epoch": pos.epoch, "time/elapsed_s": elapsed()})
-            log(f"step {pos.step}: validation perplexity {v['perplexity']:.3f}, "
-                f"{v['bpc']:.3f} bits/char over {int(v['tokens'])} characters")
+            log(
+                f"step {pos.step}: validation perplexity {v['perplexity']:.3f}, "
+                f"{v['bpc']:.3f} bits/char over {int(v['tokens'])} characters"
+            )
             if improved:
                 save("best.pt", periodic=False)
         if ctx.is_main and cfg.generate.prefixes:
             rows = []
             for prefix in cfg.generate.prefixes:
                 try:
-                    text = generate(model, vocab, prefix, cfg.generate.length,
-                                    cfg.generate.temperature, cfg.generate.top_k,
-                                    seed=tcfg.seed, device=ctx.device)
+                    text = generate(
+                        model,
+                        vocab,
+                        prefix,
+                        cfg.generate.length,
+                        cfg.generate.temperature,
+                        cfg.generate.top_k,
+                        seed=tcfg.seed,
+                        device=ctx.device,
+                    )
                 except PrefixError as err:
                     text = f"(skipped: {err})"
                 rows.append((prefix, text))
@@ -359,8 +422,9 @@ def _train(cfg: Config, ctx: dist.DistContext) -> dict:
                 x_BT, y_BT = streams.batch(pos.epoch, i)
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(tcfg, pos.step, lr_steps)
-                loss, norm, hidden = train_step(train_model, params, x_BT, y_BT, hidden,
-                                                optimizer, amp, tcfg.clip)
+                loss, norm, hidden = train_step(
+                    train_model, params, x_BT, y_BT, hidden, optimizer, amp, tcfg.clip
+                )
                 acc.add(loss, x_BT.numel(), norm, tcfg.clip)
                 pos.step, pos.batch = pos.step + 1, i + 1
                 end_of_epoch = pos.batch == streams.epoch_size
@@ -374,19 +438,34 @@ def _train(cfg: Config, ctx: dist.DistContext) -> dict:
                     reason = "time_limit"
                 stop = final or reason != "done"
 
-                if (tcfg.log_every and pos.step % tcfg.log_every == 0) or \
-                        (not tcfg.log_every and end_of_epoch) or stop:
+                if (
+                    (tcfg.log_every and pos.step % tcfg.log_every == 0)
+                    or (not tcfg.log_every and end_of_epoch)
+                    or stop
+                ):
                     last_train = acc.reduce(ctx.world_size)
-                    last_train.update({"epoch": pos.epoch, "opt/lr": optimizer.param_groups[0]["lr"],
-                                       "train/chars": pos.step * tokens_per_step,
-                                       "time/elapsed_s": elapsed(), "world_size": ctx.world_size})
+                    last_train.update(
+                        {
+                            "epoch": pos.epoch,
+                            "opt/lr": optimizer.param_groups[0]["lr"],
+                            "train/chars": pos.step * tokens_per_step,
+                            "time/elapsed_s": elapsed(),
+                            "world_size": ctx.world_size,
+                        }
+                    )
                     if amp.mode == "fp16":
                         last_train["amp/scale"] = amp.scaler.get_scale()
                     logger.log(pos.step, last_train)
                     progress.update(pos.step, last_train)
-                if (tcfg.eval_every and pos.step % tcfg.eval_every == 0) or \
-                        (not tcfg.eval_every and end_of_epoch
-                         and pos.epoch % tcfg.eval_every_epochs == 0) or stop:
+                if (
+                    (tcfg.eval_every and pos.step % tcfg.eval_every == 0)
+                    or (
+                        not tcfg.eval_every
+                        and end_of_epoch
+                        and pos.epoch % tcfg.eval_every_epochs == 0
+                    )
+                    or stop
+                ):
                     if reason != "preempted":
                         last_val = run_eval() or last_val
                 periodic = bool(tcfg.checkpoint_every) and pos.step % tcfg.checkpoint_every == 0
@@ -403,10 +482,13 @@ def _train(cfg: Config, ctx: dist.DistContext) -> dict:
     finally:
         stopper.restore()
         progress.close()
-    summary = {"final/step": pos.step, "final/train_time_s": pos.train_time,
-               "best/val_loss": best_val,
-               "best/val_perplexity": perplexity(best_val) if best_val < math.inf else None,
-               "world_size": ctx.world_size}
+    summary = {
+        "final/step": pos.step,
+        "final/train_time_s": pos.train_time,
+        "best/val_loss": best_val,
+        "best/val_perplexity": perplexity(best_val) if best_val < math.inf else None,
+        "world_size": ctx.world_size,
+    }
     logger.finish({k: v for k, v in summary.items() if v is not None})
     result = {**last_train, **last_val, **summary, "reason": reason}
     if reason == "preempted":

@@ -28,8 +28,9 @@ class Vocab:
         self.unk = self.stoi.get(UNK)
 
     @classmethod
-    def build(cls, counts: Counter, min_freq: int = 1, max_vocab: int = 0,
-              extra: Iterable[str] = ()) -> Vocab:
+    def build(
+        cls, counts: Counter, min_freq: int = 1, max_vocab: int = 0, extra: Iterable[str] = ()
+    ) -> Vocab:
         """Keep chars with count >= min_freq (the max_vocab most frequent); `<unk>` if any
         counted char, or any char of `extra` (e.g. other splits), is left out."""
         ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))

@@ -32,10 +32,10 @@ def read_records(path: Path) -> Iterator:
         if BLOCK - pos % BLOCK < 7:  # block trailer too short for a chunk header
             pos += BLOCK - pos % BLOCK
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         if kind == 0 or pos + 7 + length > len(data):
             return
-        chunks += data[pos + 7:pos + 7 + length]
+        chunks += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (FULL, LAST):
             record = pb.Record()
@@ -61,6 +61,7 @@ def history_steps(path: Path) -> list[int]:
 def attempts(wandb_dir: Path, run_id: str) -> list[Path]:
     """The .wandb files of every attempt of `run_id` under a `wandb/` folder, oldest first
     (directory names start with the start time)."""
+
     def started(path: Path) -> str:
         found = re.search(r"\d{8}_\d{6}", path.parent.name)
         return found.group(0) if found else ""

@@ -24,9 +24,18 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 # Small, fast settings shared by many tests (chapter model at a small size).
-TINY = ["data.max_chars=4000", "data.newlines=space", "model.hidden_size=32",
-        "train.batch_size=4", "train.num_steps=8", "train.lr=1.0", "train.clip=1.0",
-        "generate.prefixes=[]", "logging.wandb.mode=disabled", "logging.progress=lines"]
+TINY = [
+    "data.max_chars=4000",
+    "data.newlines=space",
+    "model.hidden_size=32",
+    "train.batch_size=4",
+    "train.num_steps=8",
+    "train.lr=1.0",
+    "train.clip=1.0",
+    "generate.prefixes=[]",
+    "logging.wandb.mode=disabled",
+    "logging.progress=lines",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -50,26 +59,55 @@ def sub_env(**extra) -> dict:
     return env
 
 
-def run_cli(args: list[str], timeout: float = 300, env: dict | None = None,
-            check: bool = True) -> subprocess.CompletedProcess:
+def run_cli(
+    args: list[str], timeout: float = 300, env: dict | None = None, check: bool = True
+) -> subprocess.CompletedProcess:
     """`python -m pipeline ARGS` as a real subprocess."""
-    proc = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout, env=env or sub_env())
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env or sub_env(),
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+        raise AssertionError(
+            f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+        )
     return proc
 
 
-def torchrun(nproc: int, args: list[str], timeout: float = 300, env: dict | None = None,
-             check: bool = True, extra: list[str] | None = None) -> subprocess.CompletedProcess:
+def torchrun(
+    nproc: int,
+    args: list[str],
+    timeout: float = 300,
+    env: dict | None = None,
+    check: bool = True,
+    extra: list[str] | None = None,
+) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc_per_node=N -m pipeline ARGS`, always under a timeout
     (a missing rendezvous partner would otherwise wait 600 s)."""
-    cmd = ["timeout", "-k", "10", str(int(timeout)), TORCHRUN, "--standalone",
-           f"--nproc_per_node={nproc}", *(extra or []), "-m", "pipeline", *args]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout + 30,
-                          env=env or sub_env())
+    cmd = [
+        "timeout",
+        "-k",
+        "10",
+        str(int(timeout)),
+        TORCHRUN,
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        *(extra or []),
+        "-m",
+        "pipeline",
+        *args,
+    ]
+    proc = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout + 30, env=env or sub_env()
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+        raise AssertionError(
+            f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+        )
     return proc
 
 

@@ -54,10 +54,19 @@ def test_fp16_unscale_happens_before_clip():
     model, opt, amp = tiny_setup("fp16", init_scale=2.0**10)
     ref, _, _ = tiny_setup("off")
     x, y = batch(1)
-    _, ref_norm, _ = train_step(ref, list(ref.parameters()), x, y, ref.init_state(B, CPU),
-                                torch.optim.SGD(ref.parameters(), lr=0.0), Amp("off", CPU), 0.0)
-    loss, norm, _ = train_step(model, list(model.parameters()), x, y, model.init_state(B, CPU),
-                               opt, amp, clip=1e-3)
+    _, ref_norm, _ = train_step(
+        ref,
+        list(ref.parameters()),
+        x,
+        y,
+        ref.init_state(B, CPU),
+        torch.optim.SGD(ref.parameters(), lr=0.0),
+        Amp("off", CPU),
+        0.0,
+    )
+    loss, norm, _ = train_step(
+        model, list(model.parameters()), x, y, model.init_state(B, CPU), opt, amp, clip=1e-3
+    )
     assert torch.isfinite(loss) and torch.isfinite(norm)
     assert norm.item() == pytest.approx(ref_norm.item(), rel=0.05)  # fp16 vs fp32 forward
     assert grad_norm(model) == pytest.approx(1e-3, rel=1e-3)
@@ -84,7 +93,9 @@ def test_fp16_overflow_skips_step_and_halves_scale():
     assert not torch.equal(model.W_hh, before["W_hh"])  # the next good step does update
     out = acc.reduce(1)
     assert out["amp/skipped_steps"] == 1
-    assert math.isfinite(out["opt/grad_norm"]) and out["opt/grad_norm"] == pytest.approx(norm.item())
+    assert math.isfinite(out["opt/grad_norm"]) and out["opt/grad_norm"] == pytest.approx(
+        norm.item()
+    )
 
 
 # ---------------------------------------------------------------- bf16 convergence (real CLI)
@@ -93,8 +104,19 @@ def test_fp16_overflow_skips_step_and_halves_scale():
 @pytest.mark.parametrize("amp", ["bf16"])
 def test_bf16_autocast_run_converges(tmp_path, amp):
     run_dir = tmp_path / "run"
-    run_cli(["train", *TINY, f"run.dir={run_dir}", f"train.amp={amp}", "train.epochs=25",
-             "train.lr=20", "train.clip=0.5", "model.hidden_size=64"], timeout=240)
+    run_cli(
+        [
+            "train",
+            *TINY,
+            f"run.dir={run_dir}",
+            f"train.amp={amp}",
+            "train.epochs=25",
+            "train.lr=20",
+            "train.clip=0.5",
+            "model.hidden_size=64",
+        ],
+        timeout=240,
+    )
     events = [e for e in read_jsonl(run_dir / "metrics.jsonl") if "train/perplexity" in e]
     first, last = events[0]["train/perplexity"], events[-1]["train/perplexity"]
     assert all(math.isfinite(e["train/loss"]) for e in events)
@@ -107,8 +129,9 @@ def test_bf16_autocast_run_converges(tmp_path, amp):
 
 def _init(rank: int, world: int, port: int) -> None:
     torch.set_num_threads(1)
-    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                             world_size=world)
+    tdist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
 
 
 def _worker_inf(rank: int, world: int, port: int, queue) -> None:
@@ -125,8 +148,15 @@ def _worker_inf(rank: int, world: int, port: int, queue) -> None:
         loss, norm, _ = train_step(ddp, params, x, y, model.init_state(B, CPU), opt, amp, 1.0)
         acc.add(loss, x.numel(), norm, 1.0)
         unchanged = all(torch.equal(v, before[k]) for k, v in snapshot(model).items())
-        queue.put((rank, unchanged, bool(torch.isfinite(norm)), amp.scaler.get_scale(),
-                   acc.reduce(world)["amp/skipped_steps"]))
+        queue.put(
+            (
+                rank,
+                unchanged,
+                bool(torch.isfinite(norm)),
+                amp.scaler.get_scale(),
+                acc.reduce(world)["amp/skipped_steps"],
+            )
+        )
     finally:
         tdist.destroy_process_group()
 
@@ -149,12 +179,22 @@ def _worker_norm(rank: int, world: int, port: int, queue) -> None:
         clip = 0.5 * hand
         acc = TrainAccumulator(CPU)
         ddp = DDP(model)
-        loss, norm, _ = train_step(ddp, list(model.parameters()), x, y,
-                                   model.init_state(B, CPU), opt, amp, clip)
+        loss, norm, _ = train_step(
+            ddp, list(model.parameters()), x, y, model.init_state(B, CPU), opt, amp, clip
+        )
         acc.add(loss, x.numel(), norm, clip)
         metrics = acc.reduce(world)
-        queue.put((rank, hand, local.double().norm().item(), norm.item(), grad_norm(model),
-                   metrics["opt/grad_norm"], metrics["opt/clipped"]))
+        queue.put(
+            (
+                rank,
+                hand,
+                local.double().norm().item(),
+                norm.item(),
+                grad_norm(model),
+                metrics["opt/grad_norm"],
+                metrics["opt/clipped"],
+            )
+        )
     finally:
         tdist.destroy_process_group()
 
@@ -162,8 +202,9 @@ def _worker_norm(rank: int, world: int, port: int, queue) -> None:
 def _spawn(fn, world: int = 2) -> list:
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    mp.start_processes(fn, args=(world, free_port(), queue), nprocs=world, join=True,
-                       start_method="spawn")
+    mp.start_processes(
+        fn, args=(world, free_port(), queue), nprocs=world, join=True, start_method="spawn"
+    )
     return sorted(queue.get() for _ in range(world))
 
 
@@ -186,7 +227,9 @@ def test_reported_grad_norm_is_norm_of_all_reduced_grads():
         assert logged == pytest.approx(hand, rel=1e-5)
         assert after == pytest.approx(0.5 * hand, rel=1e-4)  # clipped to clip = hand / 2
         assert clipped == 1.0
-    assert abs(results[0][2] - results[1][2]) > 1e-6 * hand  # local norms differ: test is not vacuous
+    assert (
+        abs(results[0][2] - results[1][2]) > 1e-6 * hand
+    )  # local norms differ: test is not vacuous
 
 
 # ---------------------------------------------------------------- no host sync per step
@@ -210,8 +253,17 @@ def test_hot_loop_reads_values_only_at_log_intervals(tmp_path, monkeypatch, amp)
             return _orig(self, *a, **k)
 
         monkeypatch.setattr(torch.Tensor, name, counted)
-    cfg = config.load(None, [*TINY, f"run.dir={tmp_path / 'run'}", "train.max_steps=60",
-                             "train.log_every=20", "train.epochs=100", f"train.amp={amp}",
-                             "logging.progress=off"])
+    cfg = config.load(
+        None,
+        [
+            *TINY,
+            f"run.dir={tmp_path / 'run'}",
+            "train.max_steps=60",
+            "train.log_every=20",
+            "train.epochs=100",
+            f"train.amp={amp}",
+            "logging.progress=off",
+        ],
+    )
     run(cfg)
     assert 0 < len(reads) <= 2 * 3, reads

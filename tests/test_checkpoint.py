@@ -21,9 +21,15 @@ from pipeline.checkpoint import CheckpointError
 
 def state(step: int) -> dict:
     """A checkpoint-shaped dict: tensors and plain values only."""
-    return {"format": ckpt.FORMAT, "model": {"w": torch.full((64,), float(step))},
-            "vocab": ["a", "b"], "step": step, "hidden": [torch.zeros(1, 4, 8)],
-            "config": {"train": {"batch_size": 4}}, "best_val_loss": float("inf")}
+    return {
+        "format": ckpt.FORMAT,
+        "model": {"w": torch.full((64,), float(step))},
+        "vocab": ["a", "b"],
+        "step": step,
+        "hidden": [torch.zeros(1, 4, 8)],
+        "config": {"train": {"batch_size": 4}},
+        "best_val_loss": float("inf"),
+    }
 
 
 def test_roundtrip_is_weights_only(tmp_path):
@@ -68,10 +74,16 @@ def _foreign(path: Path, marker: Path) -> None:
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
-@pytest.mark.parametrize("make,why", [
-    (_hostile, "holds a pickled object (exec) that could run code"),
-    (_truncated, "truncated or corrupt"), (_random_bytes, "truncated or corrupt"),
-    (_plain_pickle, "truncated or corrupt"), (_foreign, "is not a checkpoint of this pipeline")])
+@pytest.mark.parametrize(
+    "make,why",
+    [
+        (_hostile, "holds a pickled object (exec) that could run code"),
+        (_truncated, "truncated or corrupt"),
+        (_random_bytes, "truncated or corrupt"),
+        (_plain_pickle, "truncated or corrupt"),
+        (_foreign, "is not a checkpoint of this pipeline"),
+    ],
+)
 def test_bad_files_are_clear_errors_and_run_no_code(tmp_path, make, why):
     path, marker = tmp_path / "bad.pt", tmp_path / "marker"
     make(path, marker)
@@ -113,8 +125,7 @@ def test_latest_good_prefers_last_then_falls_back_newest_first(tmp_path):
     said = []
     path, saved = ckpt.load_latest_good(run, warn=said.append)
     assert path.name == "step_00000010.pt" and saved["step"] == 10
-    assert len(said) == 2 and all("falling back to" in s and "step_00000010.pt" in s
-                                  for s in said)
+    assert len(said) == 2 and all("falling back to" in s and "step_00000010.pt" in s for s in said)
     assert "last.pt" in said[0] and "step_00000015.pt" in said[1]
 
 
@@ -132,8 +143,11 @@ def test_prune_keeps_newest_and_removes_partial_writes(tmp_path):
     cdir = ckpt.checkpoint_dir(run)
     (cdir / "step_00000025.pt.x1y2.tmp").write_bytes(b"half a file")
     ckpt.prune(run, keep=2)
-    assert sorted(p.name for p in cdir.iterdir()) == ["last.pt", "step_00000015.pt",
-                                                      "step_00000020.pt"]
+    assert sorted(p.name for p in cdir.iterdir()) == [
+        "last.pt",
+        "step_00000015.pt",
+        "step_00000020.pt",
+    ]
     assert ckpt.load(cdir / "last.pt")["step"] == 20  # a hard link survives its pruned twin
 
 
@@ -156,8 +170,12 @@ KILLED_WRITER = textwrap.dedent("""
 def test_killed_while_writing_leaves_previous_last_loadable(tmp_path):
     last = ckpt.checkpoint_dir(tmp_path) / "last.pt"
     ckpt.save_atomic(state(1), last)
-    child = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(last)], cwd=ROOT,
-                             stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WRITER, str(last)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert child.stdout.readline().strip() == "writing"
         partial = list(last.parent.glob("*.tmp"))
@@ -170,15 +188,30 @@ def test_killed_while_writing_leaves_previous_last_loadable(tmp_path):
     assert ckpt.candidates(tmp_path) == [last]
 
 
-CFG = {"model": {"kind": "lstm", "hidden_size": 32, "num_layers": 2, "embedding_size": 0,
-                 "tie_weights": False, "dropout": 0.0},
-       "train": {"batch_size": 4, "num_steps": 8, "sampling": "random", "max_steps": 10}}
+CFG = {
+    "model": {
+        "kind": "lstm",
+        "hidden_size": 32,
+        "num_layers": 2,
+        "embedding_size": 0,
+        "tie_weights": False,
+        "dropout": 0.0,
+    },
+    "train": {"batch_size": 4, "num_steps": 8, "sampling": "random", "max_steps": 10},
+}
 
 
-@pytest.mark.parametrize("key,value", [("model.kind", "gru"), ("model.hidden_size", 16),
-                                       ("model.num_layers", 1), ("train.batch_size", 8),
-                                       ("train.num_steps", 4),
-                                       ("train.sampling", "consecutive")])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("model.kind", "gru"),
+        ("model.hidden_size", 16),
+        ("model.num_layers", 1),
+        ("train.batch_size", 8),
+        ("train.num_steps", 4),
+        ("train.sampling", "consecutive"),
+    ],
+)
 def test_incompatible_config_names_the_key(key, value):
     section, name = key.split(".")
     now = {**CFG, section: {**CFG[section], name: value}}
@@ -187,12 +220,14 @@ def test_incompatible_config_names_the_key(key, value):
 
 
 def test_compatible_despite_other_length_dropout_or_lr():
-    now = {**CFG, "train": {**CFG["train"], "max_steps": 99},
-           "model": {**CFG["model"], "dropout": 0.5}}
+    now = {
+        **CFG,
+        "train": {**CFG["train"], "max_steps": 99},
+        "model": {**CFG["model"], "dropout": 0.5},
+    }
     ckpt.check_compatible({"config": CFG, "vocab": ["a", "b"]}, now, ["a", "b"], Path("x.pt"))
 
 
 def test_other_vocabulary_is_an_error():
     with pytest.raises(CheckpointError, match="x.pt' has a different vocabulary"):
-        ckpt.check_compatible({"config": CFG, "vocab": ["a", "b"]}, CFG, ["a", "c"],
-                              Path("x.pt"))
+        ckpt.check_compatible({"config": CFG, "vocab": ["a", "b"]}, CFG, ["a", "c"], Path("x.pt"))

@@ -20,9 +20,17 @@ STEPS = 30
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("cli") / "run"
-    overrides = [*TINY, f"run.dir={run_dir}", f"train.max_steps={STEPS}", "train.epochs=50",
-                 "train.log_every=10", "data.valid_fraction=0.1", "generate.prefixes=[分开]",
-                 "generate.length=20", "run.name=tiny"]
+    overrides = [
+        *TINY,
+        f"run.dir={run_dir}",
+        f"train.max_steps={STEPS}",
+        "train.epochs=50",
+        "train.log_every=10",
+        "data.valid_fraction=0.1",
+        "generate.prefixes=[分开]",
+        "generate.length=20",
+        "run.name=tiny",
+    ]
     proc = run_cli(["train", "--config", "configs/seed_scratch_random.yaml", *overrides])
     return run_dir, overrides, proc
 
@@ -34,7 +42,8 @@ def test_train_writes_the_run_directory(trained):
     assert cfg.train.max_steps == STEPS and cfg.model.hidden_size == 32
     assert cfg.train.sampling == "random" and cfg.data.max_chars == 4000  # YAML, then CLI
     assert config.to_dict(cfg) == config.to_dict(
-        config.load("configs/seed_scratch_random.yaml", overrides))
+        config.load("configs/seed_scratch_random.yaml", overrides)
+    )
 
     # metrics.jsonl: one JSON object per event, each with a step
     events = read_jsonl(run_dir / "metrics.jsonl")
@@ -80,8 +89,9 @@ def test_generate_from_the_checkpoint(trained):
 
 
 def test_generate_missing_checkpoint_exits_2(tmp_path):
-    proc = run_cli(["generate", "--checkpoint", str(tmp_path / "none.pt"), "--prefix", "分开"],
-                   check=False)
+    proc = run_cli(
+        ["generate", "--checkpoint", str(tmp_path / "none.pt"), "--prefix", "分开"], check=False
+    )
     assert proc.returncode == 2
     assert "none.pt' does not exist" in proc.stderr and "Traceback" not in proc.stderr
 

@@ -7,8 +7,13 @@ import struct
 import pytest
 from conftest import TINY, run_cli
 
-SMALL = [*TINY, "data.valid_fraction=0.1", "train.max_steps=12", "train.log_every=4",
-         "train.eval_every=6"]
+SMALL = [
+    *TINY,
+    "data.valid_fraction=0.1",
+    "train.max_steps=12",
+    "train.log_every=4",
+    "train.eval_every=6",
+]
 
 
 @pytest.fixture(scope="module")
@@ -17,8 +22,7 @@ def two_runs(tmp_path_factory):
     dirs = []
     for sampling in ("consecutive", "random"):
         run_dir = tmp / sampling
-        run_cli(["train", f"run.dir={run_dir}", *SMALL, f"train.sampling={sampling}"],
-                timeout=180)
+        run_cli(["train", f"run.dir={run_dir}", *SMALL, f"train.sampling={sampling}"], timeout=180)
         dirs.append(run_dir)
     return tmp, dirs
 
@@ -30,10 +34,15 @@ def test_compare_prints_table_and_writes_png(two_runs):
     rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.strip()}
     assert rows["train.sampling"] == ["consecutive", "random"]  # the differing key
     assert "run.dir" not in rows and "model.kind" not in rows  # only differences
-    for label in ("best val perplexity", "final val perplexity", "tokens/s (median)",
-                  "wall time (s)", "world size"):
+    for label in (
+        "best val perplexity",
+        "final val perplexity",
+        "tokens/s (median)",
+        "wall time (s)",
+        "world size",
+    ):
         line = next(ln for ln in out.splitlines() if ln.strip().startswith(label))
-        values = line.strip()[len(label):].split()
+        values = line.strip()[len(label) :].split()
         assert len(values) == 2 and "-" not in values, line
     world = next(ln for ln in out.splitlines() if ln.strip().startswith("world size"))
     assert world.split()[-2:] == ["1", "1"]
@@ -48,8 +57,11 @@ def test_compare_prints_table_and_writes_png(two_runs):
 def test_compare_rejects_a_directory_without_metrics(two_runs, tmp_path):
     _, dirs = two_runs
     (tmp_path / "empty").mkdir()
-    proc = run_cli(["compare", str(dirs[0]), str(tmp_path / "empty"), "--plot",
-                    str(tmp_path / "x.png")], check=False, timeout=120)
+    proc = run_cli(
+        ["compare", str(dirs[0]), str(tmp_path / "empty"), "--plot", str(tmp_path / "x.png")],
+        check=False,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "has no metrics.jsonl" in proc.stderr and str(tmp_path / "empty") in proc.stderr
     assert not (tmp_path / "x.png").exists()

@@ -26,16 +26,27 @@ def write(tmp_path: Path, text: str, name: str = "c.yaml") -> str:
 
 def test_defaults_without_file_or_overrides():
     cfg = config.load(None, [])
-    assert config.to_dict(cfg) == {**config.to_dict(Config()),
-                                   "run": {**config.to_dict(Config())["run"],
-                                           "name": "run", "dir": str(Path("runs") / "run")}}
+    assert config.to_dict(cfg) == {
+        **config.to_dict(Config()),
+        "run": {**config.to_dict(Config())["run"], "name": "run", "dir": str(Path("runs") / "run")},
+    }
 
 
 def test_dotted_overrides_and_types():
-    cfg = config.load(None, ["train.max_steps=40", "model.kind=gru", "model.dropout=0.25",
-                             "generate.prefixes=[分开,不分开,我]", "train.betas=[0.8,0.95]",
-                             "logging.wandb.mode=offline", "train.lr=1e-3", "run.overwrite=true",
-                             "data.path=/tmp/some file.txt"])
+    cfg = config.load(
+        None,
+        [
+            "train.max_steps=40",
+            "model.kind=gru",
+            "model.dropout=0.25",
+            "generate.prefixes=[分开,不分开,我]",
+            "train.betas=[0.8,0.95]",
+            "logging.wandb.mode=offline",
+            "train.lr=1e-3",
+            "run.overwrite=true",
+            "data.path=/tmp/some file.txt",
+        ],
+    )
     assert cfg.train.max_steps == 40 and cfg.model.kind == "gru"
     assert cfg.model.dropout == 0.25 and cfg.train.lr == pytest.approx(1e-3)
     assert cfg.generate.prefixes == ["分开", "不分开", "我"] and cfg.train.betas == [0.8, 0.95]
@@ -43,10 +54,14 @@ def test_dotted_overrides_and_types():
     assert cfg.data.path == "/tmp/some file.txt"
 
 
-@pytest.mark.parametrize("override,key,value", [("train.amp=off", "train.amp", "off"),
-                                                ("logging.progress=off", "logging.progress",
-                                                 "off"),
-                                                ("run.name=yes", "run.name", "yes")])
+@pytest.mark.parametrize(
+    "override,key,value",
+    [
+        ("train.amp=off", "train.amp", "off"),
+        ("logging.progress=off", "logging.progress", "off"),
+        ("run.name=yes", "run.name", "yes"),
+    ],
+)
 def test_yaml_1_1_words_stay_strings(tmp_path, override, key, value):
     # YAML 1.1 reads off/on/yes/no as booleans; train.amp=off must stay the string "off"
     assert config.get(config.load(None, [override]), key) == value
@@ -66,22 +81,25 @@ def test_precedence_defaults_yaml_cli(tmp_path):
     assert later.train.lr == 0.125  # the last override wins
 
 
-@pytest.mark.parametrize("overrides,pattern", [
-    (["train.bogus=1"], r"config key 'train.bogus' does not exist"),
-    (["nosuch.section.key=1"], r"config key 'nosuch.section.key' does not exist"),
-    (["train.epochs=abc"], r"config key 'train.epochs'.*abc"),
-    (["train.epochs=1.5"], r"config key 'train.epochs'"),
-    (["train.lr=fast"], r"config key 'train.lr'"),
-    (["model.kind=transformer"], r"config key 'model.kind': 'transformer' is not one of"),
-    (["train.sampling=sequential"], r"config key 'train.sampling'"),
-    (["train.batch_size=0"], r"config key 'train.batch_size' must be > 0"),
-    (["train.clip=-1"], r"config key 'train.clip' must be >= 0"),
-    (["data.valid_fraction=1.0"], r"config key 'data.valid_fraction'"),
-    (["model.num_layers=0"], r"config key 'model.num_layers'"),
-    (["data.source=text"], r"config key 'data.path' is required"),
-    (["generate.prefixes=[a"], r"config key 'generate.prefixes'.*not valid YAML"),
-    (["train.max_steps"], r"override 'train.max_steps' is not of the form key=value"),
-])
+@pytest.mark.parametrize(
+    "overrides,pattern",
+    [
+        (["train.bogus=1"], r"config key 'train.bogus' does not exist"),
+        (["nosuch.section.key=1"], r"config key 'nosuch.section.key' does not exist"),
+        (["train.epochs=abc"], r"config key 'train.epochs'.*abc"),
+        (["train.epochs=1.5"], r"config key 'train.epochs'"),
+        (["train.lr=fast"], r"config key 'train.lr'"),
+        (["model.kind=transformer"], r"config key 'model.kind': 'transformer' is not one of"),
+        (["train.sampling=sequential"], r"config key 'train.sampling'"),
+        (["train.batch_size=0"], r"config key 'train.batch_size' must be > 0"),
+        (["train.clip=-1"], r"config key 'train.clip' must be >= 0"),
+        (["data.valid_fraction=1.0"], r"config key 'data.valid_fraction'"),
+        (["model.num_layers=0"], r"config key 'model.num_layers'"),
+        (["data.source=text"], r"config key 'data.path' is required"),
+        (["generate.prefixes=[a"], r"config key 'generate.prefixes'.*not valid YAML"),
+        (["train.max_steps"], r"override 'train.max_steps' is not of the form key=value"),
+    ],
+)
 def test_override_errors_name_the_key(overrides, pattern):
     with pytest.raises(ConfigError, match=pattern):
         config.load(None, overrides)
@@ -99,8 +117,16 @@ def test_yaml_errors_name_the_key_or_file(tmp_path):
 
 
 def test_cli_unknown_key_exits_2(tmp_path):
-    proc = run_cli(["train", "--config", str(ROOT / "configs" / "seed_scratch_random.yaml"),
-                    "train.max_step=40", f"run.dir={tmp_path / 'run'}"], check=False)
+    proc = run_cli(
+        [
+            "train",
+            "--config",
+            str(ROOT / "configs" / "seed_scratch_random.yaml"),
+            "train.max_step=40",
+            f"run.dir={tmp_path / 'run'}",
+        ],
+        check=False,
+    )
     assert proc.returncode == 2, proc.stderr
     assert "train.max_step" in proc.stderr and "does not exist" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -117,8 +143,9 @@ def test_cli_wrong_type_in_yaml_exits_2(tmp_path):
 
 def test_resolved_config_written_to_run_dir(tmp_path):
     path = write(tmp_path, "run: {name: tiny}\ntrain:\n  lr: 0.5\n  epochs: 3\n")
-    cfg = config.load(path, [*TINY, f"run.dir={tmp_path / 'run'}", "train.max_steps=2",
-                             "train.threads=1"])
+    cfg = config.load(
+        path, [*TINY, f"run.dir={tmp_path / 'run'}", "train.max_steps=2", "train.threads=1"]
+    )
     train_mod.run(cfg)
     written = tmp_path / "run" / "config.yaml"
     assert written.is_file()
@@ -149,16 +176,24 @@ def test_every_shipped_config_loads(path, tmp_path):
 
 def test_seed_configs_are_the_chapters():
     for name, kind, opt, lr, sampling in [
-            ("seed_scratch_random", "rnn_scratch", "sgd", 100.0, "random"),
-            ("seed_scratch_consecutive", "rnn_scratch", "sgd", 100.0, "consecutive"),
-            ("seed_concise", "rnn", "adam", 1e-3, "consecutive")]:
+        ("seed_scratch_random", "rnn_scratch", "sgd", 100.0, "random"),
+        ("seed_scratch_consecutive", "rnn_scratch", "sgd", 100.0, "consecutive"),
+        ("seed_concise", "rnn", "adam", 1e-3, "consecutive"),
+    ]:
         cfg = config.load(str(ROOT / "configs" / f"{name}.yaml"), [])
         assert (cfg.model.kind, cfg.train.optimizer, cfg.train.sampling) == (kind, opt, sampling)
         assert cfg.train.lr == pytest.approx(lr) and cfg.train.clip == pytest.approx(0.01)
-        assert (cfg.data.max_chars, cfg.data.newlines, cfg.data.valid_fraction) == \
-            (10000, "space", 0.0)
-        assert (cfg.model.hidden_size, cfg.train.batch_size, cfg.train.num_steps,
-                cfg.train.epochs) == (256, 32, 35, 250)
+        assert (cfg.data.max_chars, cfg.data.newlines, cfg.data.valid_fraction) == (
+            10000,
+            "space",
+            0.0,
+        )
+        assert (
+            cfg.model.hidden_size,
+            cfg.train.batch_size,
+            cfg.train.num_steps,
+            cfg.train.epochs,
+        ) == (256, 32, 35, 250)
         assert cfg.generate.prefixes == ["分开", "不分开"] and cfg.generate.length == 50
         assert cfg.train.eval_every_epochs == 50 and cfg.generate.temperature == 0
 

@@ -107,12 +107,16 @@ def test_good_download_is_cached_and_used(server, no_data_dir):
     assert locate_builtin(data) == cached
 
 
-@pytest.mark.parametrize("path,pattern", [
-    ("/bad", r"has sha256 [0-9a-f]{64}, expected " + SHA),
-    ("/short", r"is truncated: got \d+ of 53443 bytes"),
-    ("/cut", r"has sha256 [0-9a-f]{64}, expected"),
-    ("/missing", r"could not download .*/missing.*404"),
-], ids=["bad-checksum", "short-content-length", "closed-early", "404"])
+@pytest.mark.parametrize(
+    "path,pattern",
+    [
+        ("/bad", r"has sha256 [0-9a-f]{64}, expected " + SHA),
+        ("/short", r"is truncated: got \d+ of 53443 bytes"),
+        ("/cut", r"has sha256 [0-9a-f]{64}, expected"),
+        ("/missing", r"could not download .*/missing.*404"),
+    ],
+    ids=["bad-checksum", "short-content-length", "closed-early", "404"],
+)
 def test_bad_download_is_an_error_and_leaves_no_file(server, no_data_dir, path, pattern):
     url = f"{server}{path}"
     with pytest.raises(DataError, match=pattern) as err:
@@ -150,8 +154,12 @@ def test_lookup_order(server, tmp_path, monkeypatch):
 
     # 1. data.path beats everything
     assert locate_builtin(DataConfig(path=str(explicit), url=url)) == explicit
-    assert load_corpus(DataConfig(path=str(explicit), url=url)).vocab.to_list() == \
-        ["分", "开", " ", "不"]
+    assert load_corpus(DataConfig(path=str(explicit), url=url)).vocab.to_list() == [
+        "分",
+        "开",
+        " ",
+        "不",
+    ]
     # 2. then $PIPELINE_DATA_DIR
     assert locate_builtin(DataConfig(url=url)) == data_dir / "jaychou_lyrics.txt.zip"
     # 3. then the cache
@@ -166,8 +174,10 @@ def test_lookup_order(server, tmp_path, monkeypatch):
     assert Handler.hits == ["/good"]
     # data.cache_dir names another cache
     other = tmp_path / "other-cache"
-    assert locate_builtin(DataConfig(url=url, cache_dir=str(other))) == \
-        other / "jaychou_lyrics.txt.zip"
+    assert (
+        locate_builtin(DataConfig(url=url, cache_dir=str(other)))
+        == other / "jaychou_lyrics.txt.zip"
+    )
 
 
 def test_unknown_builtin_corpus():
@@ -185,10 +195,10 @@ def test_plain_local_text_file(tmp_path):
     corpus = load_corpus(DataConfig(source="text", path=str(path)))
     assert list(corpus.splits) == ["train"]
     assert corpus.vocab.decode(corpus.splits["train"]) == text  # newlines kept by default
-    spaced = load_corpus(DataConfig(source="text", path=str(path), newlines="space",
-                                    max_chars=12))
-    assert corpus.vocab.decode(corpus.splits["train"][:12]).replace("\n", " ") == \
-        spaced.vocab.decode(spaced.splits["train"])
+    spaced = load_corpus(DataConfig(source="text", path=str(path), newlines="space", max_chars=12))
+    assert corpus.vocab.decode(corpus.splits["train"][:12]).replace(
+        "\n", " "
+    ) == spaced.vocab.decode(spaced.splits["train"])
 
 
 def test_non_utf8_file_is_an_error_naming_it(tmp_path):
@@ -251,8 +261,10 @@ def test_full_corpus_newlines_kept_and_validation_tail():
     unk = corpus.vocab.unk
     assert unk is not None
     decoded = [corpus.vocab.itos[i] for i in valid]
-    assert all(d == c or (i == unk and c not in corpus.vocab.stoi)
-               for d, i, c in zip(decoded, valid.tolist(), RAW[cut:]))
+    assert all(
+        d == c or (i == unk and c not in corpus.vocab.stoi)
+        for d, i, c in zip(decoded, valid.tolist(), RAW[cut:])
+    )
     # max_chars applies before the split
     small = load_corpus(DataConfig(max_chars=1000, valid_fraction=0.2))
     assert (len(small.splits["train"]), len(small.splits["validation"])) == (800, 200)

@@ -27,9 +27,16 @@ from pipeline.__main__ import main
 
 K = 160  # steps of every run here; epochs of 37 minibatches (data.max_chars=1200)
 KILL_AFTER = 10  # SIGKILL a worker once the periodic checkpoint of this step exists
-BASE = [*TINY, "data.max_chars=1200", "train.sampling=consecutive", "train.epochs=10",
-        f"train.max_steps={K}", "train.log_every=40", "train.checkpoint_every=5",
-        "train.keep_checkpoints=100"]
+BASE = [
+    *TINY,
+    "data.max_chars=1200",
+    "train.sampling=consecutive",
+    "train.epochs=10",
+    f"train.max_steps={K}",
+    "train.log_every=40",
+    "train.checkpoint_every=5",
+    "train.keep_checkpoints=100",
+]
 TIMEOUT = 240  # per torchrun job; an idle machine needs about 10 s
 
 
@@ -56,9 +63,14 @@ def workers(agent_pids: list[int]) -> dict[tuple[int, int], int]:
         pid = todo.pop()
         todo += tree.get(pid, [])
         try:
-            env = dict(kv.split("=", 1) for kv in
-                       Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
-                       .split("\0") if "=" in kv)
+            env = dict(
+                kv.split("=", 1)
+                for kv in Path(f"/proc/{pid}/environ")
+                .read_bytes()
+                .decode(errors="replace")
+                .split("\0")
+                if "=" in kv
+            )
         except OSError:
             continue
         if "RANK" in env and "TORCHELASTIC_RESTART_COUNT" in env and pid not in agent_pids:
@@ -72,22 +84,41 @@ def agent_commands(run_dir: Path, nodes: int) -> list[list[str]]:
     if nodes == 1:
         return [[TORCHRUN, "--standalone", "--nproc_per_node=2", "--max-restarts=1", *args]]
     port, rdzv = free_port(), f"soak{os.getpid()}{time.monotonic_ns() % 10**6}"
-    return [[TORCHRUN, "--nnodes=2", "--nproc_per_node=1", "--max-restarts=1",
-             "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id={rdzv}",
-             *args] for _ in range(2)]
+    return [
+        [
+            TORCHRUN,
+            "--nnodes=2",
+            "--nproc_per_node=1",
+            "--max-restarts=1",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint=127.0.0.1:{port}",
+            f"--rdzv-id={rdzv}",
+            *args,
+        ]
+        for _ in range(2)
+    ]
 
 
-def kill_and_restart(run_dir: Path, nodes: int, victim_rank: int, share_store: bool = True,
-                     timeout: float = TIMEOUT) -> dict:
+def kill_and_restart(
+    run_dir: Path, nodes: int, victim_rank: int, share_store: bool = True, timeout: float = TIMEOUT
+) -> dict:
     """Run the job, SIGKILL worker `victim_rank` once step KILL_AFTER's checkpoint exists,
     let the agents restart it. `share_store=False` sets TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
     (a fresh store every rendezvous round). Returns exit codes, logs, the step killed at."""
     run_dir.mkdir(parents=True, exist_ok=True)
     env = sub_env() if share_store else sub_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1)
     logs = [run_dir / f"agent{i}.log" for i in range(nodes)]
-    procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log, "w"),  # noqa: SIM115
-                              stderr=subprocess.STDOUT, start_new_session=True)
-             for cmd, log in zip(agent_commands(run_dir, nodes), logs)]
+    procs = [
+        subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=env,
+            stdout=open(log, "w"),  # noqa: SIM115
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        for cmd, log in zip(agent_commands(run_dir, nodes), logs)
+    ]
     marker = run_dir / "checkpoints" / f"step_{KILL_AFTER:08d}.pt"
     deadline, killed_at = time.monotonic() + timeout, None
     try:
@@ -108,8 +139,11 @@ def kill_and_restart(run_dir: Path, nodes: int, victim_rank: int, share_store: b
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
-    return {"codes": codes, "killed_at": killed_at,
-            "log": "\n".join(f"--- {log.name}\n{log.read_text()}" for log in logs)}
+    return {
+        "codes": codes,
+        "killed_at": killed_at,
+        "log": "\n".join(f"--- {log.name}\n{log.read_text()}" for log in logs),
+    }
 
 
 def check_restarted(out: dict, run_dir: Path, reference: dict) -> str:
@@ -143,8 +177,9 @@ def runs(tmp_path_factory) -> Path:
 # One node with torchrun's defaults (the agent shares its store: the trainer's per-restart
 # namespace, dist._restart_store, makes the restart connect); two nodes with the recommended
 # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (restart counts may differ between nodes).
-@pytest.mark.parametrize("nodes,victim,share", [(1, 1, True), (2, 0, False)],
-                         ids=["one_node", "two_nodes"])
+@pytest.mark.parametrize(
+    "nodes,victim,share", [(1, 1, True), (2, 0, False)], ids=["one_node", "two_nodes"]
+)
 def test_killed_worker_restarts_and_ends_exactly(runs, tmp_path, nodes, victim, share):
     reference = load_ckpt(runs / "w2")["model"]
     out = kill_and_restart(tmp_path / "run", nodes, victim, share_store=share)
@@ -186,10 +221,26 @@ def test_sigterm_to_torchrun_saves_and_resumes_exactly(runs, tmp_path):
     workers, which agree on it, save and exit 75; the agent itself exits 1 (torchrun reports
     the signal), which launch/slurm.sbatch maps to a requeue. The resumed job ends exactly."""
     run_dir = tmp_path / "run"
-    cmd = [TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "pipeline", "train", *BASE,
-           f"run.dir={run_dir}", "train.signal_check_every=2"]
-    agent = subprocess.Popen(cmd, cwd=ROOT, env=sub_env(), stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    cmd = [
+        TORCHRUN,
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "pipeline",
+        "train",
+        *BASE,
+        f"run.dir={run_dir}",
+        "train.signal_check_every=2",
+    ]
+    agent = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=sub_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     first = run_dir / "checkpoints" / "step_00000005.pt"
     deadline = time.monotonic() + TIMEOUT
     while not first.exists() and agent.poll() is None and time.monotonic() < deadline:

@@ -29,8 +29,18 @@ def init_rnn_state(batch_size, num_hiddens, device):
     return (torch.zeros((batch_size, num_hiddens), device=device),)
 
 
-def predict_rnn(prefix, num_chars, rnn, params, init_rnn_state,
-                num_hiddens, vocab_size, device, idx_to_char, char_to_idx):
+def predict_rnn(
+    prefix,
+    num_chars,
+    rnn,
+    params,
+    init_rnn_state,
+    num_hiddens,
+    vocab_size,
+    device,
+    idx_to_char,
+    char_to_idx,
+):
     state = init_rnn_state(1, num_hiddens, device)
     output = [char_to_idx[prefix[0]]]
     for t in range(num_chars + len(prefix) - 1):
@@ -40,11 +50,10 @@ def predict_rnn(prefix, num_chars, rnn, params, init_rnn_state,
             output.append(char_to_idx[prefix[t + 1]])
         else:
             output.append(Y[0].argmax(dim=1).item())
-    return ''.join([idx_to_char[i] for i in output])
+    return "".join([idx_to_char[i] for i in output])
 
 
-def predict_rnn_pytorch(prefix, num_chars, model, vocab_size, device, idx_to_char,
-                        char_to_idx):
+def predict_rnn_pytorch(prefix, num_chars, model, vocab_size, device, idx_to_char, char_to_idx):
     state = None
     output = [char_to_idx[prefix[0]]]
     for t in range(num_chars + len(prefix) - 1):
@@ -54,7 +63,7 @@ def predict_rnn_pytorch(prefix, num_chars, model, vocab_size, device, idx_to_cha
             output.append(char_to_idx[prefix[t + 1]])
         else:
             output.append(Y.argmax(dim=1).item())
-    return ''.join([idx_to_char[i] for i in output])
+    return "".join([idx_to_char[i] for i in output])
 
 
 def fixed_model(kind: str, seed: int = 0):
@@ -76,12 +85,22 @@ def test_greedy_equals_chapter_predict_rnn(prefix):
     model = fixed_model("rnn_scratch")
     params = [model.W_xh, model.W_hh, model.b_h, model.W_hq, model.b_q]
     with torch.no_grad():
-        ref = predict_rnn(prefix, 50, rnn, params, init_rnn_state, H, len(VOCAB),
-                          torch.device("cpu"), VOCAB.itos, VOCAB.stoi)
+        ref = predict_rnn(
+            prefix,
+            50,
+            rnn,
+            params,
+            init_rnn_state,
+            H,
+            len(VOCAB),
+            torch.device("cpu"),
+            VOCAB.itos,
+            VOCAB.stoi,
+        )
     ours = generate(model, VOCAB, prefix, 50)
     assert ours == ref
     assert ours.startswith(prefix) and len(ours) == len(prefix) + 50
-    assert len(set(ours[len(prefix):])) > 3  # a real path, not one repeated character
+    assert len(set(ours[len(prefix) :])) > 3  # a real path, not one repeated character
     assert generate(model, VOCAB, prefix, 50, seed=123) == ours  # greedy ignores the seed
 
 
@@ -95,8 +114,9 @@ def test_greedy_torch_models_equal_chapter_predict_rnn_pytorch(kind):
         return logits_TBV.flatten(0, 1), state
 
     with torch.no_grad():
-        ref = predict_rnn_pytorch("分开", 30, chapter_model, len(VOCAB), torch.device("cpu"),
-                                  VOCAB.itos, VOCAB.stoi)
+        ref = predict_rnn_pytorch(
+            "分开", 30, chapter_model, len(VOCAB), torch.device("cpu"), VOCAB.itos, VOCAB.stoi
+        )
     assert generate(model, VOCAB, "分开", 30) == ref
 
 
@@ -159,22 +179,47 @@ def checkpoint(tmp_path):
     cfg = config.load(None, ["model.hidden_size=24", "model.init_std=0.3"])
     model = fixed_model("rnn_scratch")
     path = tmp_path / "last.pt"
-    torch.save({"model": model.state_dict(), "vocab": VOCAB.to_list(),
-                "config": config.to_dict(cfg), "step": 0}, path)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "vocab": VOCAB.to_list(),
+            "config": config.to_dict(cfg),
+            "step": 0,
+        },
+        path,
+    )
     return path, model
 
 
 def test_cli_generate_greedy_and_seeded_sampling(checkpoint):
     path, model = checkpoint
-    greedy = run_cli(["generate", "--checkpoint", str(path), "--prefix", "分开",
-                      "--length", "30"]).stdout.splitlines()
+    greedy = run_cli(
+        ["generate", "--checkpoint", str(path), "--prefix", "分开", "--length", "30"]
+    ).stdout.splitlines()
     assert greedy == [generate(model, VOCAB, "分开", 30)]
-    args = ["generate", "--checkpoint", str(path), "--prefix", "不分开", "--length", "30",
-            "--temperature", "1.2", "--top-k", "20", "--seed", "5", "--num-samples", "3"]
+    args = [
+        "generate",
+        "--checkpoint",
+        str(path),
+        "--prefix",
+        "不分开",
+        "--length",
+        "30",
+        "--temperature",
+        "1.2",
+        "--top-k",
+        "20",
+        "--seed",
+        "5",
+        "--num-samples",
+        "3",
+    ]
     samples = run_cli(args).stdout.splitlines()
     # sample k uses seed 5 + k: another process gives the same texts
-    assert samples == [generate(model, VOCAB, "不分开", 30, temperature=1.2, top_k=20, seed=5 + k)
-                       for k in range(3)]
+    assert samples == [
+        generate(model, VOCAB, "不分开", 30, temperature=1.2, top_k=20, seed=5 + k)
+        for k in range(3)
+    ]
     assert len(set(samples)) > 1
 
 

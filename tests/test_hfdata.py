@@ -99,8 +99,14 @@ def test_second_prepare_reuses_cache_without_tokenizing(prepared, tmp_path, monk
     import datasets
 
     _, folder, corpus = prepared
-    args = ["prepare", "--config", str(ROOT / "configs/songci.yaml"), f"data.cache_dir={tmp_path}",
-            "data.min_freq=2", "data.num_proc=2"]
+    args = [
+        "prepare",
+        "--config",
+        str(ROOT / "configs/songci.yaml"),
+        f"data.cache_dir={tmp_path}",
+        "data.min_freq=2",
+        "data.num_proc=2",
+    ]
     assert main(args) == 0
     (built,) = (tmp_path / "hf").iterdir()
     assert built.name == folder.name  # same key: num_proc does not change the ids
@@ -146,15 +152,34 @@ def test_damaged_cache_is_detected_and_rebuilt(prepared, tmp_path, damage, capsy
 
 def test_two_ranks_train_on_prepared_songci(hf_home, tmp_path):
     run_dir, cache = tmp_path / "run", tmp_path / "cache"
-    args = ["train", "--config", "configs/songci_cpu.yaml", f"run.dir={run_dir}",
-            f"data.cache_dir={cache}", "data.max_chars=60000", "data.num_proc=1",
-            "model.hidden_size=32", "model.embedding_size=16", "model.num_layers=1",
-            "model.tie_weights=false",
-            "train.batch_size=8", "train.num_steps=16", "train.max_steps=8", "train.amp=off",
-            "train.lr=0.02", "train.warmup_steps=0", "train.schedule=constant",
-            "train.time_limit=0", "train.log_every=2", "train.eval_every=0",
-            "train.checkpoint_every=0", "eval.batch_size=4", "generate.prefixes=[]",
-            "logging.wandb.mode=disabled", "logging.progress=lines"]
+    args = [
+        "train",
+        "--config",
+        "configs/songci_cpu.yaml",
+        f"run.dir={run_dir}",
+        f"data.cache_dir={cache}",
+        "data.max_chars=60000",
+        "data.num_proc=1",
+        "model.hidden_size=32",
+        "model.embedding_size=16",
+        "model.num_layers=1",
+        "model.tie_weights=false",
+        "train.batch_size=8",
+        "train.num_steps=16",
+        "train.max_steps=8",
+        "train.amp=off",
+        "train.lr=0.02",
+        "train.warmup_steps=0",
+        "train.schedule=constant",
+        "train.time_limit=0",
+        "train.log_every=2",
+        "train.eval_every=0",
+        "train.checkpoint_every=0",
+        "eval.batch_size=4",
+        "generate.prefixes=[]",
+        "logging.wandb.mode=disabled",
+        "logging.progress=lines",
+    ]
     proc = torchrun(2, args, timeout=240, env=sub_env(HF_HOME=hf_home))
     (folder,) = (cache / "hf").iterdir()  # one folder: built once, shared by both ranks
     meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
@@ -173,8 +198,18 @@ def test_two_ranks_train_on_prepared_songci(hf_home, tmp_path):
 
 def prepare_error(capsys, *overrides: str) -> str:
     capsys.readouterr()
-    assert main(["prepare", "--config", str(ROOT / "configs/songci.yaml"), "data.num_proc=1",
-                 *overrides]) == 2
+    assert (
+        main(
+            [
+                "prepare",
+                "--config",
+                str(ROOT / "configs/songci.yaml"),
+                "data.num_proc=1",
+                *overrides,
+            ]
+        )
+        == 2
+    )
     return capsys.readouterr().err
 
 
@@ -197,17 +232,26 @@ def tiny_dataset(root: Path, splits: dict) -> Path:
 
 
 def test_empty_split_is_an_error(hf_home, tmp_path, capsys):
-    tiny = tiny_dataset(tmp_path / "tiny", {"train": {"text": ["春风又绿", "明月几时有"]},
-                                            "validation": {"text": ["", None]}})
-    err = prepare_error(capsys, f"data.path={tiny}", "data.test_split=''",
-                        f"data.cache_dir={tmp_path / 'cache'}")
+    tiny = tiny_dataset(
+        tmp_path / "tiny",
+        {"train": {"text": ["春风又绿", "明月几时有"]}, "validation": {"text": ["", None]}},
+    )
+    err = prepare_error(
+        capsys, f"data.path={tiny}", "data.test_split=''", f"data.cache_dir={tmp_path / 'cache'}"
+    )
     assert "split 'validation'" in err and "empty" in err
 
 
 def test_non_text_column_is_an_error(hf_home, tmp_path, capsys):
     tiny = tiny_dataset(tmp_path / "tiny", {"train": {"text": ["春风"], "n": [1]}})
-    err = prepare_error(capsys, f"data.path={tiny}", "data.text_field=n", "data.valid_split=''",
-                        "data.test_split=''", f"data.cache_dir={tmp_path / 'cache'}")
+    err = prepare_error(
+        capsys,
+        f"data.path={tiny}",
+        "data.text_field=n",
+        "data.valid_split=''",
+        "data.test_split=''",
+        f"data.cache_dir={tmp_path / 'cache'}",
+    )
     assert "data.text_field" in err and "'n'" in err and "not text" in err
 
 
@@ -225,9 +269,20 @@ def test_unset_data_dir_names_the_key(hf_home, monkeypatch, capsys):
 
 def test_split_too_short_for_the_batch_says_the_minimum(hf_home, tmp_path, capsys):
     capsys.readouterr()
-    rc = main(["train", "--config", str(ROOT / "configs/songci_cpu.yaml"), "data.max_chars=3000",
-               f"run.dir={tmp_path / 'run'}", "data.num_proc=1", "logging.wandb.mode=disabled",
-               "train.sampling=random", "train.batch_size=64", "train.num_steps=64"])
+    rc = main(
+        [
+            "train",
+            "--config",
+            str(ROOT / "configs/songci_cpu.yaml"),
+            "data.max_chars=3000",
+            f"run.dir={tmp_path / 'run'}",
+            "data.num_proc=1",
+            "logging.wandb.mode=disabled",
+            "train.sampling=random",
+            "train.batch_size=64",
+            "train.num_steps=64",
+        ]
+    )
     assert rc == 2
     err = capsys.readouterr().err
     assert "3000 characters" in err and "at least 4097" in err  # random windows: 64 x 64 + 1

@@ -27,8 +27,9 @@ def test_matches_fp32_cross_entropy(dtype, reduction, monkeypatch):
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
     assert got_in.grad.dtype == dtype
-    torch.testing.assert_close(got_in.grad.float(), ref_in.grad.to(dtype).float(),
-                               rtol=1e-2, atol=1e-5)
+    torch.testing.assert_close(
+        got_in.grad.float(), ref_in.grad.to(dtype).float(), rtol=1e-2, atol=1e-5
+    )
     assert torch.all(got_in.grad[::5] == 0)
 
 

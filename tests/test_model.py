@@ -26,7 +26,7 @@ def to_onehot(X, n_class):
 
 def rnn(inputs, state, params):
     W_xh, W_hh, b_h, W_hq, b_q = params
-    H, = state
+    (H,) = state
     outputs = []
     for X in inputs:
         H = torch.tanh(torch.matmul(X, W_xh) + torch.matmul(H, W_hh) + b_h)
@@ -44,8 +44,10 @@ def test_scratch_index_input_equals_chapter_one_hot():
     with torch.no_grad():  # non-zero biases, so that they are checked too
         model.b_h.normal_(0, 0.1)
         model.b_q.normal_(0, 0.1)
-    params = [torch.nn.Parameter(p.detach().clone()) for p in
-              (model.W_xh, model.W_hh, model.b_h, model.W_hq, model.b_q)]
+    params = [
+        torch.nn.Parameter(p.detach().clone())
+        for p in (model.W_xh, model.W_hh, model.b_h, model.W_hq, model.b_q)
+    ]
     x = torch.randint(0, V, (B, T))
     y = torch.randint(0, V, (B, T))
     h0 = torch.randn(B, H) * 0.5
@@ -64,8 +66,9 @@ def test_scratch_index_input_equals_chapter_one_hot():
     loss_ref.backward()
     names = ["W_xh", "W_hh", "b_h", "W_hq", "b_q"]
     for name, p_ref in zip(names, params):
-        torch.testing.assert_close(getattr(model, name).grad, p_ref.grad,
-                                   msg=lambda m, n=name: f"grad of {n}: {m}")
+        torch.testing.assert_close(
+            getattr(model, name).grad, p_ref.grad, msg=lambda m, n=name: f"grad of {n}: {m}"
+        )
     # the one-hot product only touches the rows of W_xh that occur in x
     unused = sorted(set(range(V)) - set(x.flatten().tolist()))
     assert unused and model.W_xh.grad[unused].abs().sum() == 0
@@ -75,8 +78,13 @@ def test_scratch_parameters_are_the_chapters():
     torch.manual_seed(0)
     model = ScratchRNN(1038, 256)
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    assert shapes == {"W_xh": (1038, 256), "W_hh": (256, 256), "b_h": (256,),
-                      "W_hq": (256, 1038), "b_q": (1038,)}
+    assert shapes == {
+        "W_xh": (1038, 256),
+        "W_hh": (256, 256),
+        "b_h": (256,),
+        "W_hq": (256, 1038),
+        "b_q": (1038,),
+    }
     assert model.b_h.abs().sum() == 0 and model.b_q.abs().sum() == 0
     for w in (model.W_xh, model.W_hh, model.W_hq):  # normal(0, 0.01)
         assert abs(w.mean().item()) < 1e-3

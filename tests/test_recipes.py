@@ -15,15 +15,33 @@ from pipeline.config import ConfigError
 from pipeline.corpus import load_corpus
 from pipeline.model import build_model, num_params
 
-LSTM = ["model.kind=lstm", "model.num_layers=2", "model.hidden_size=24", "train.optimizer=adam",
-        "train.lr=0.01", "data.valid_fraction=0.2", "data.newlines=keep"]
+LSTM = [
+    "model.kind=lstm",
+    "model.num_layers=2",
+    "model.hidden_size=24",
+    "train.optimizer=adam",
+    "train.lr=0.01",
+    "data.valid_fraction=0.2",
+    "data.newlines=keep",
+]
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
-    run_cli(["train", "--config", "configs/seed_concise.yaml", f"run.dir={run_dir}", *TINY, *LSTM,
-             "train.max_steps=60", "train.eval_every=10", "train.log_every=10"])
+    run_cli(
+        [
+            "train",
+            "--config",
+            "configs/seed_concise.yaml",
+            f"run.dir={run_dir}",
+            *TINY,
+            *LSTM,
+            "train.max_steps=60",
+            "train.eval_every=10",
+            "train.log_every=10",
+        ]
+    )
     return run_dir
 
 
@@ -43,8 +61,19 @@ def test_eval_command_equals_loss_by_hand(trained):
     model.load_state_dict(state["model"])
     model.eval()
     valid = load_corpus(cfg.data).splits["validation"]
-    out = run_cli(["eval", "--checkpoint", str(trained / "checkpoints" / "last.pt"),
-                   "--split", "validation", "--batch-size", "1", "--device", "cpu"])
+    out = run_cli(
+        [
+            "eval",
+            "--checkpoint",
+            str(trained / "checkpoints" / "last.pt"),
+            "--split",
+            "validation",
+            "--batch-size",
+            "1",
+            "--device",
+            "cpu",
+        ]
+    )
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["tokens"] == len(valid) - 1  # every character after the first, once
     assert got["loss"] == pytest.approx(hand_loss(model, valid), rel=1e-5)
@@ -53,8 +82,18 @@ def test_eval_command_equals_loss_by_hand(trained):
 
 
 def test_eval_unknown_split_is_a_clear_error(trained):
-    out = run_cli(["eval", "--checkpoint", str(trained / "checkpoints" / "last.pt"),
-                   "--split", "test", "--device", "cpu"], check=False)
+    out = run_cli(
+        [
+            "eval",
+            "--checkpoint",
+            str(trained / "checkpoints" / "last.pt"),
+            "--split",
+            "test",
+            "--device",
+            "cpu",
+        ],
+        check=False,
+    )
     assert out.returncode == 2
     assert "split 'test'" in out.stderr
 

@@ -23,14 +23,23 @@ from pipeline.train import PREEMPTED_EXIT
 
 K, k, EPOCH = 60, 25, 37
 BASE = [*TINY, "data.max_chars=1200", "train.epochs=5", "train.log_every=20"]
-LSTM = ["model.kind=lstm", "model.num_layers=2", "model.dropout=0.3", "train.optimizer=adam",
-        "train.lr=0.01"]
+LSTM = [
+    "model.kind=lstm",
+    "model.num_layers=2",
+    "model.dropout=0.3",
+    "train.optimizer=adam",
+    "train.lr=0.01",
+]
 CASES = {
     # the chapter's model; the hidden state of every stream is carried across the stop
     "consecutive": ["train.sampling=consecutive"],
     # cosine with warmup: train.schedule_steps fixes its length whatever max_steps says
-    "random_cosine": ["train.sampling=random", "train.schedule=cosine", "train.warmup_steps=5",
-                      f"train.schedule_steps={K}"],
+    "random_cosine": [
+        "train.sampling=random",
+        "train.schedule=cosine",
+        "train.warmup_steps=5",
+        f"train.schedule_steps={K}",
+    ],
     # dropout between the layers and before the output: the per-rank RNG must be restored;
     # a validation split evaluates (model.eval()) at the stop and at the epoch end
     "consecutive_dropout": ["train.sampling=consecutive", *LSTM, "data.valid_fraction=0.1"],
@@ -52,6 +61,7 @@ def straight(tmp_path_factory):
             assert train(root / case, *CASES[case], f"train.max_steps={K}") == 0
             done[case] = load_ckpt(root / case)
         return done[case]
+
     return get
 
 
@@ -67,12 +77,15 @@ def test_stop_and_resume_equals_straight_run(straight, tmp_path, capsys, case):
     mid = load_ckpt(tmp_path)
     assert (mid["step"], mid["epoch"], mid["batch_in_epoch"]) == (k, 0, k)
     if "consecutive" in case:  # the GLOBAL state: (layers, batch_size, hidden) per tensor
-        assert [tuple(h.shape) for h in mid["hidden"]] == \
-            [(2 if "dropout" in case else 1, 4, 32)] * (2 if "dropout" in case else 1)
+        assert [tuple(h.shape) for h in mid["hidden"]] == [
+            (2 if "dropout" in case else 1, 4, 32)
+        ] * (2 if "dropout" in case else 1)
     capsys.readouterr()
     assert train(tmp_path, *CASES[case], f"train.max_steps={K}") == 0  # resume=auto
-    assert f"resumed from '{tmp_path / 'checkpoints' / 'last.pt'}' at step {k}" in \
-        capsys.readouterr().out
+    assert (
+        f"resumed from '{tmp_path / 'checkpoints' / 'last.pt'}' at step {k}"
+        in capsys.readouterr().out
+    )
     assert_same_params(load_ckpt(tmp_path), straight(case))
 
 
@@ -93,10 +106,20 @@ def test_damaged_last_falls_back_to_newest_good_and_says_so(straight, tmp_path, 
 def test_sigterm_saves_exits_75_and_resumes_exactly(straight, tmp_path, capsys):
     """Preemption of a real process; with dropout, so the saved RNG matters too."""
     case = CASES["consecutive_dropout"]
-    cmd = [sys.executable, "-m", "pipeline", "train", *BASE, f"run.dir={tmp_path}", *case,
-           f"train.max_steps={K}", "train.checkpoint_every=2"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=sub_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "train",
+        *BASE,
+        f"run.dir={tmp_path}",
+        *case,
+        f"train.max_steps={K}",
+        "train.checkpoint_every=2",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=sub_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     first = tmp_path / "checkpoints" / "step_00000002.pt"
     deadline = time.monotonic() + 240
     while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -121,8 +144,10 @@ def test_resume_never_protects_the_run_dir(straight, tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"run directory '{tmp_path}' already holds a run" in err and "run.overwrite" in err
     assert load_ckpt(tmp_path)["step"] == k  # untouched
-    assert train(tmp_path, *case, f"train.max_steps={K}", "train.resume=never",
-                 "run.overwrite=true") == 0
+    assert (
+        train(tmp_path, *case, f"train.max_steps={K}", "train.resume=never", "run.overwrite=true")
+        == 0
+    )
     assert "resumed from" not in capsys.readouterr().out
     assert_same_params(load_ckpt(tmp_path), straight("consecutive"))  # a fresh start
 
@@ -134,12 +159,17 @@ def saved_run(tmp_path_factory):
     return run_dir
 
 
-@pytest.mark.parametrize("override,named", [
-    ("train.batch_size=8", "train.batch_size=4"), ("train.num_steps=4", "train.num_steps=8"),
-    ("train.sampling=random", "train.sampling='consecutive'"),
-    ("model.hidden_size=16", "model.hidden_size=32"),
-    ("model.kind=gru", "model.kind='rnn_scratch'"),
-    ("data.newlines=keep", "a different vocabulary")])
+@pytest.mark.parametrize(
+    "override,named",
+    [
+        ("train.batch_size=8", "train.batch_size=4"),
+        ("train.num_steps=4", "train.num_steps=8"),
+        ("train.sampling=random", "train.sampling='consecutive'"),
+        ("model.hidden_size=16", "model.hidden_size=32"),
+        ("model.kind=gru", "model.kind='rnn_scratch'"),
+        ("data.newlines=keep", "a different vocabulary"),
+    ],
+)
 def test_incompatible_state_is_exit_2_naming_it(saved_run, capsys, override, named):
     capsys.readouterr()
     assert train(saved_run, *CASES["consecutive"], "train.max_steps=6", override) == 2
@@ -152,5 +182,7 @@ def test_other_cosine_length_is_said(tmp_path, capsys):
     assert train(tmp_path, *CASES["consecutive"], *cosine) == 0
     capsys.readouterr()
     assert train(tmp_path, *CASES["consecutive"], *cosine, "train.max_steps=5") == 0
-    assert ("cosine LR schedule spanned 3 steps in the checkpoint and spans 5 now"
-            in capsys.readouterr().out)
+    assert (
+        "cosine LR schedule spanned 3 steps in the checkpoint and spans 5 now"
+        in capsys.readouterr().out
+    )

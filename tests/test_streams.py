@@ -30,28 +30,30 @@ def data_iter_random(corpus_indices, batch_size, num_steps, device=None, example
 
     # 返回从pos开始的长为num_steps的序列
     def _data(pos):
-        return corpus_indices[pos: pos + num_steps]
+        return corpus_indices[pos : pos + num_steps]
 
     for i in range(epoch_size):
         # 每次读取batch_size个随机样本
         i = i * batch_size
-        batch_indices = example_indices[i: i + batch_size]
+        batch_indices = example_indices[i : i + batch_size]
         X = [_data(j * num_steps) for j in batch_indices]
         Y = [_data(j * num_steps + 1) for j in batch_indices]
-        yield (torch.tensor(X, dtype=torch.float32, device=device),
-               torch.tensor(Y, dtype=torch.float32, device=device))
+        yield (
+            torch.tensor(X, dtype=torch.float32, device=device),
+            torch.tensor(Y, dtype=torch.float32, device=device),
+        )
 
 
 def data_iter_consecutive(corpus_indices, batch_size, num_steps, device=None):
     corpus_indices = torch.tensor(corpus_indices, dtype=torch.float32, device=device)
     data_len = len(corpus_indices)
     batch_len = data_len // batch_size
-    indices = corpus_indices[0: batch_size * batch_len].view(batch_size, batch_len)
+    indices = corpus_indices[0 : batch_size * batch_len].view(batch_size, batch_len)
     epoch_size = (batch_len - 1) // num_steps
     for i in range(epoch_size):
         i = i * num_steps
-        X = indices[:, i: i + num_steps]
-        Y = indices[:, i + 1: i + num_steps + 1]
+        X = indices[:, i : i + num_steps]
+        Y = indices[:, i + 1 : i + num_steps + 1]
         yield X, Y
 
 
@@ -138,8 +140,8 @@ def test_rank_batches_union_is_world1_batch(world_size, sampling):
             x1, y1 = single.batch(epoch, i)
             for r, s in enumerate(ranks):  # rank r owns rows [r*b, (r+1)*b)
                 x, y = s.batch(epoch, i)
-                assert torch.equal(x, x1[r * b:(r + 1) * b])
-                assert torch.equal(y, y1[r * b:(r + 1) * b])
+                assert torch.equal(x, x1[r * b : (r + 1) * b])
+                assert torch.equal(y, y1[r * b : (r + 1) * b])
 
 
 def test_permutation_depends_only_on_seed_and_epoch():
@@ -181,8 +183,9 @@ def test_memmap_gives_same_batches(tmp_path, sampling, world_size):
 # ---------------------------------------------------------------- evaluation streams
 
 
-@pytest.mark.parametrize("n,batch_size,T", [(101, 4, 7), (50, 16, 5), (9, 16, 3), (1000, 5, 35),
-                                            (2, 4, 4)])
+@pytest.mark.parametrize(
+    "n,batch_size,T", [(101, 4, 7), (50, 16, 5), (9, 16, 3), (1000, 5, 35), (2, 4, 4)]
+)
 def test_eval_streams_cover_every_target_once(n, batch_size, T):
     ids = np.arange(n, dtype=np.int64) + 1000  # distinct ids: a target names its position
     for world_size in (1, 2):

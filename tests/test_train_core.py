@@ -28,11 +28,11 @@ from pipeline.train import build_optimizer, clip_grad_global, lr_at
 def grad_clipping(params, theta, device):  # the chapter's
     norm = torch.tensor([0.0], device=device)
     for param in params:
-        norm += (param.grad.data ** 2).sum()
+        norm += (param.grad.data**2).sum()
     norm = norm.sqrt().item()
     if norm > theta:
         for param in params:
-            param.grad.data *= (theta / norm)
+            param.grad.data *= theta / norm
 
 
 def params_with_grads(scale: float) -> list[torch.nn.Parameter]:
@@ -105,8 +105,9 @@ def test_lr_warmup_then_cosine():
     lrs = [lr_at(cfg, s, total) for s in range(4, total + 1)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # monotone decay
     const = TrainConfig(lr=2.0, schedule="constant", warmup_steps=2)
-    assert [lr_at(const, s, total) for s in (0, 1, 2, 50, 200)] == \
-        pytest.approx([1.0, 2.0, 2.0, 2.0, 2.0])
+    assert [lr_at(const, s, total) for s in (0, 1, 2, 50, 200)] == pytest.approx(
+        [1.0, 2.0, 2.0, 2.0, 2.0]
+    )
     assert lr_at(TrainConfig(lr=3.0), 0, total) == 3.0
 
 
@@ -114,15 +115,13 @@ def test_lr_warmup_then_cosine():
 
 
 def tiny_cfg(tmp_path: Path, *extra: str) -> config.Config:
-    return config.load(None, [*TINY, f"run.dir={tmp_path / 'run'}", "train.threads=1",
-                              *extra])
+    return config.load(None, [*TINY, f"run.dir={tmp_path / 'run'}", "train.threads=1", *extra])
 
 
 def test_short_training_run_lowers_the_loss(tmp_path):
     cfg = tiny_cfg(tmp_path, "train.epochs=2", "train.log_every=25", "train.lr=2.0")
     result = train_mod.run(cfg)
-    events = [e for e in read_jsonl(Path(cfg.run.dir) / "metrics.jsonl")
-              if "train/perplexity" in e]
+    events = [e for e in read_jsonl(Path(cfg.run.dir) / "metrics.jsonl") if "train/perplexity" in e]
     steps = [e["step"] for e in events]
     assert steps == sorted(steps) and steps[0] == 25 and len(events) >= 5
     first, last = events[0]["train/perplexity"], events[-1]["train/perplexity"]
@@ -131,18 +130,26 @@ def test_short_training_run_lowers_the_loss(tmp_path):
     assert result["reason"] == "done"
 
 
-def chapter_train(ids: list[int], vocab_size: int, cfg: config.Config, init_seed: int,
-                  reset_each_epoch: bool = True) -> tuple[list[torch.Tensor], list[float]]:
+def chapter_train(
+    ids: list[int],
+    vocab_size: int,
+    cfg: config.Config,
+    init_seed: int,
+    reset_each_epoch: bool = True,
+) -> tuple[list[torch.Tensor], list[float]]:
     """The chapter's train_and_predict_rnn (scratch model, d2l.sgd), with the parameters
     initialised as our trainer does and, for random sampling, our permutation. Returns the
     parameters and the perplexity of every epoch."""
     t = cfg.train
     torch.manual_seed(init_seed)
     init = ScratchRNN(vocab_size, cfg.model.hidden_size, cfg.model.init_std)
-    params = [torch.nn.Parameter(p.detach().clone()) for p in
-              (init.W_xh, init.W_hh, init.b_h, init.W_hq, init.b_q)]
-    perms = RandomWindows(np.asarray(ids), t.batch_size, t.num_steps, 0, 1,
-                          torch.device("cpu"), t.seed)
+    params = [
+        torch.nn.Parameter(p.detach().clone())
+        for p in (init.W_xh, init.W_hh, init.b_h, init.W_hq, init.b_q)
+    ]
+    perms = RandomWindows(
+        np.asarray(ids), t.batch_size, t.num_steps, 0, 1, torch.device("cpu"), t.seed
+    )
     loss = torch.nn.CrossEntropyLoss()
     state, perplexities = None, []
     for epoch in range(t.epochs):
@@ -150,8 +157,9 @@ def chapter_train(ids: list[int], vocab_size: int, cfg: config.Config, init_seed
         if t.sampling == "consecutive" and (reset_each_epoch or state is None):
             state = (torch.zeros(t.batch_size, cfg.model.hidden_size),)
         if t.sampling == "random":
-            it = data_iter_random(ids, t.batch_size, t.num_steps,
-                                  example_indices=perms.permutation(epoch).tolist())
+            it = data_iter_random(
+                ids, t.batch_size, t.num_steps, example_indices=perms.permutation(epoch).tolist()
+            )
         else:
             it = data_iter_consecutive(ids, t.batch_size, t.num_steps)
         for X, Y in it:
@@ -181,27 +189,39 @@ def chapter_train(ids: list[int], vocab_size: int, cfg: config.Config, init_seed
 def test_training_equals_chapter_loop(tmp_path, sampling):
     # As in the chapter (lr 100, theta 0.01), every step clips: a step whose norm sits near
     # theta could clip on one side only and magnify float rounding into a real difference.
-    cfg = tiny_cfg(tmp_path, "data.max_chars=1200", "model.hidden_size=16", "train.epochs=3",
-                   "train.lr=20.0", "train.clip=0.02", f"train.sampling={sampling}",
-                   "train.seed=7")
+    cfg = tiny_cfg(
+        tmp_path,
+        "data.max_chars=1200",
+        "model.hidden_size=16",
+        "train.epochs=3",
+        "train.lr=20.0",
+        "train.clip=0.02",
+        f"train.sampling={sampling}",
+        "train.seed=7",
+    )
     result = train_mod.run(cfg)
     assert result["opt/clipped"] == 1.0
     saved = load_ckpt(cfg.run.dir)["model"]
     corpus = load_corpus(cfg.data)
     ids = corpus.splits["train"].tolist()
     ref, ref_ppl = chapter_train(ids, len(corpus.vocab), cfg, init_seed=cfg.train.seed)
-    ppl = [e["train/perplexity"] for e in read_jsonl(Path(cfg.run.dir) / "metrics.jsonl")
-           if "train/perplexity" in e]  # logged once per epoch
+    ppl = [
+        e["train/perplexity"]
+        for e in read_jsonl(Path(cfg.run.dir) / "metrics.jsonl")
+        if "train/perplexity" in e
+    ]  # logged once per epoch
     assert ppl == pytest.approx(ref_ppl, rel=1e-5)
     assert ppl[-1] < ppl[0]
     for name, p in zip(["W_xh", "W_hh", "b_h", "W_hq", "b_q"], ref):
-        torch.testing.assert_close(saved[name], p, rtol=1e-4, atol=1e-5,
-                                   msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(
+            saved[name], p, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
+        )
     if sampling == "consecutive":
         # without the reset at each epoch start, the chapter's loop lands elsewhere: the
         # comparison above does see how the state is handled
-        carried, _ = chapter_train(ids, len(corpus.vocab), cfg, cfg.train.seed,
-                                   reset_each_epoch=False)
+        carried, _ = chapter_train(
+            ids, len(corpus.vocab), cfg, cfg.train.seed, reset_each_epoch=False
+        )
         assert not torch.allclose(saved["W_hh"], carried[1], rtol=1e-4, atol=1e-5)
 
 
@@ -216,16 +236,20 @@ def test_state_carried_within_epoch_reset_at_epoch_start(tmp_path, monkeypatch, 
 
         def spy(x, state):
             logits, new = forward(x, state)
-            calls.append(([s.clone() for s in state], [s.detach().clone() for s in new],
-                          [s.requires_grad for s in state]))
+            calls.append(
+                (
+                    [s.clone() for s in state],
+                    [s.detach().clone() for s in new],
+                    [s.requires_grad for s in state],
+                )
+            )
             return logits, new
 
         model.forward = spy
         return model
 
     monkeypatch.setattr(train_mod, "build_model", recording_build)
-    cfg = tiny_cfg(tmp_path, "data.max_chars=800", "train.epochs=3",
-                   f"train.sampling={sampling}")
+    cfg = tiny_cfg(tmp_path, "data.max_chars=800", "train.epochs=3", f"train.sampling={sampling}")
     train_mod.run(cfg)
     b, T = cfg.train.batch_size, cfg.train.num_steps
     epoch_size = (800 // b - 1) // T if sampling == "consecutive" else (800 - 1) // T // b
@@ -238,6 +262,7 @@ def test_state_carried_within_epoch_reset_at_epoch_start(tmp_path, monkeypatch, 
         else:
             prev_out = calls[k - 1][1]
             assert not zero
-            assert all(torch.equal(s, p) for s, p in zip(state_in, prev_out)), \
+            assert all(torch.equal(s, p) for s, p in zip(state_in, prev_out)), (
                 f"call {k}: state not carried from the previous minibatch"
+            )
             assert not any(grads), f"call {k}: carried state not detached"

@@ -32,9 +32,14 @@ print(json.dumps({{"ours": corpus.vocab.to_list(), "chapter": list(set(text)),
 
 
 def build_in_subprocess(hash_seed: str) -> dict:
-    proc = subprocess.run([sys.executable, "-c", SCRIPT.format(zip=str(JAYCHOU_ZIP))],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env=sub_env(PYTHONHASHSEED=hash_seed))
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT.format(zip=str(JAYCHOU_ZIP))],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=sub_env(PYTHONHASHSEED=hash_seed),
+    )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 

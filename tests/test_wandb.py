@@ -17,8 +17,13 @@ from pipeline.metrics import Progress, read_jsonl, wandb_mode
 from pipeline.wandb_history import attempts, history_steps, read_records
 
 FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"
-SMALL = [*TINY, "data.valid_fraction=0.1", "train.max_steps=12", "train.log_every=4",
-         "train.eval_every=6"]
+SMALL = [
+    *TINY,
+    "data.valid_fraction=0.1",
+    "train.max_steps=12",
+    "train.log_every=4",
+    "train.eval_every=6",
+]
 
 
 def wandb_env(wandb_dir: Path, **extra) -> dict:
@@ -51,9 +56,19 @@ def offline_run(tmp_path_factory):
     """One real offline run with an API key in the environment (mode offline)."""
     tmp = tmp_path_factory.mktemp("offline")
     run_dir, wandb_dir = tmp / "run", tmp / "wandb"
-    proc = run_cli(["train", f"run.dir={run_dir}", *SMALL, "train.checkpoint_every=6",
-                    "logging.wandb.mode=offline", "generate.prefixes=[分开]", "generate.length=5"],
-                   env=wandb_env(wandb_dir, WANDB_API_KEY=FAKE_KEY), timeout=180)
+    proc = run_cli(
+        [
+            "train",
+            f"run.dir={run_dir}",
+            *SMALL,
+            "train.checkpoint_every=6",
+            "logging.wandb.mode=offline",
+            "generate.prefixes=[分开]",
+            "generate.length=5",
+        ],
+        env=wandb_env(wandb_dir, WANDB_API_KEY=FAKE_KEY),
+        timeout=180,
+    )
     return run_dir, wandb_dir, proc
 
 
@@ -98,8 +113,12 @@ def test_progress_prints_a_line_per_log_interval(offline_run):
 
 
 def test_progress_auto_is_lines_off_a_tty_and_a_bar_on_one(monkeypatch, capsys):
-    metrics = {"train/perplexity": 12.5, "train/loss": 2.5, "opt/grad_norm": 0.1,
-               "perf/tokens_per_s": 1000.0}
+    metrics = {
+        "train/perplexity": 12.5,
+        "train/loss": 2.5,
+        "opt/grad_norm": 0.1,
+        "perf/tokens_per_s": 1000.0,
+    }
     monkeypatch.setattr(sys, "stdout", io.StringIO())
     p = Progress("auto", total=10, initial=0)
     p.update(5, metrics)
@@ -119,9 +138,17 @@ def test_progress_auto_is_lines_off_a_tty_and_a_bar_on_one(monkeypatch, capsys):
 
 def test_disabled_writes_nothing_to_wandb_dir(tmp_path):
     wandb_dir = tmp_path / "wandb"
-    run_cli(["train", f"run.dir={tmp_path / 'run'}", *TINY, "train.max_steps=4",
-             "logging.wandb.mode=disabled"],
-            env=sub_env(WANDB_DIR=wandb_dir, WANDB_MODE="offline"), timeout=120)
+    run_cli(
+        [
+            "train",
+            f"run.dir={tmp_path / 'run'}",
+            *TINY,
+            "train.max_steps=4",
+            "logging.wandb.mode=disabled",
+        ],
+        env=sub_env(WANDB_DIR=wandb_dir, WANDB_MODE="offline"),
+        timeout=120,
+    )
     assert (tmp_path / "run" / "metrics.jsonl").is_file()
     assert not wandb_dir.exists() or not any(wandb_dir.iterdir())
     assert not (tmp_path / "run" / "wandb").exists()
@@ -145,8 +172,19 @@ def test_two_ranks_auto_without_credentials_make_one_offline_run(tmp_path):
     run_dir, wandb_dir = tmp_path / "run", tmp_path / "wandb"
     env = wandb_env(wandb_dir, HOME=tmp_path, NETRC=tmp_path / "no-netrc")
     env.pop("WANDB_API_KEY", None)
-    torchrun(2, ["train", f"run.dir={run_dir}", *TINY, "train.max_steps=4", "train.log_every=2",
-                 "logging.wandb.mode=auto"], env=env, timeout=150)
+    torchrun(
+        2,
+        [
+            "train",
+            f"run.dir={run_dir}",
+            *TINY,
+            "train.max_steps=4",
+            "train.log_every=2",
+            "logging.wandb.mode=auto",
+        ],
+        env=env,
+        timeout=150,
+    )
     files = wandb_files(wandb_dir)
     assert len(files) == 1 and files[0].parent.name.startswith("offline-run-")
     run = read_run(files[0])
@@ -181,14 +219,28 @@ def test_resume_after_kill_continues_one_run_without_gaps(tmp_path, flush):
     (the default 15 s interval), so the resume re-sends 1..5. `flushed`: it holds exactly
     1..5 (events after the checkpoint were held back), so nothing is sent twice."""
     run_dir, wandb_dir = tmp_path / "run", tmp_path / "wandb"
-    args = ["train", f"run.dir={run_dir}", *TINY, "train.max_steps=12", "train.log_every=1",
-            "train.checkpoint_every=5", "train.resume=auto", "logging.wandb.mode=offline"]
+    args = [
+        "train",
+        f"run.dir={run_dir}",
+        *TINY,
+        "train.max_steps=12",
+        "train.log_every=1",
+        "train.checkpoint_every=5",
+        "train.resume=auto",
+        "logging.wandb.mode=offline",
+    ]
     extra = {"KILL_AT": 8}
     if flush == "flushed":
         extra.update(WAIT_SYNCED=5, WANDB__TRANSACTION_LOG_FLUSH_INTERVAL=0.05)
     env = wandb_env(wandb_dir, **extra)
-    first = subprocess.run([sys.executable, "-c", KILLER, *args], cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=180)
+    first = subprocess.run(
+        [sys.executable, "-c", KILLER, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert first.returncode == -9, first.stderr
     assert load_ckpt(run_dir)["step"] == 5
     assert max(e["step"] for e in read_jsonl(run_dir / "metrics.jsonl")) == 8  # past it
@@ -206,8 +258,9 @@ def test_resume_after_kill_continues_one_run_without_gaps(tmp_path, flush):
     assert steps == list(range(1, 13))  # strictly increasing, no gap, no duplicate
     train_steps = [e["step"] for e in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in e]
     assert train_steps == list(range(1, 13))
-    times = [e["time/elapsed_s"] for e in read_jsonl(run_dir / "metrics.jsonl")
-             if "train/loss" in e]
+    times = [
+        e["time/elapsed_s"] for e in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in e
+    ]
     assert times == sorted(times)  # wall time continues across the resume
 
 
