@@ -112,25 +112,17 @@ def plot(runs: list[dict], path: str) -> None:
             key = f"{kind}/perplexity"
             marker = "o" if kind == "val" else None
             label = f"{run['name']} ({'validation' if kind == 'val' else kind})"
-            by_step.plot(
-                [e["step"] for e in events],
-                [e[key] for e in events],
-                style,
-                color=color,
-                marker=marker,
-                markersize=3,
-                label=label,
-            )
-            timed = [e for e in events if "time/elapsed_s" in e]
-            by_time.plot(
-                [e["time/elapsed_s"] for e in timed],
-                [e[key] for e in timed],
-                style,
-                color=color,
-                marker=marker,
-                markersize=3,
-                label=label,
-            )
+            for ax, x_key in ((by_step, "step"), (by_time, "time/elapsed_s")):
+                points = [e for e in events if x_key in e]
+                ax.plot(
+                    [e[x_key] for e in points],
+                    [e[key] for e in points],
+                    style,
+                    color=color,
+                    marker=marker,
+                    markersize=3,
+                    label=label,
+                )
     for ax, xlabel in ((by_step, "step"), (by_time, "wall time (s)")):
         ax.set_xlabel(xlabel)
         ax.set_ylabel("perplexity")

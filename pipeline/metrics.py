@@ -26,32 +26,37 @@ def perplexity(loss: float) -> float:
 
 
 class TrainAccumulator:
-    """Sums kept on the device between log intervals (no host sync per step)."""
+    """Sums kept on the device between log intervals (no host sync or host-to-device copy
+    per step); token and step counts are known on the host."""
 
     def __init__(self, device: torch.device):
-        # loss*tokens, tokens, grad-norm sum, clipped steps, skipped steps, steps
-        self.sums = torch.zeros(6, dtype=torch.float64, device=device)
+        # loss*tokens, grad-norm sum (finite steps), clipped steps, skipped (non-finite) steps
+        self.sums = torch.zeros(4, dtype=torch.float64, device=device)
+        self.tokens = 0
+        self.steps = 0
         self.t0 = time.perf_counter()
 
     def add(self, loss: torch.Tensor, tokens: int, norm: torch.Tensor, clip: float) -> None:
         finite = torch.isfinite(norm)
         clipped = (norm > clip) if clip > 0 else torch.zeros_like(finite)
-        step = torch.stack(
+        self.sums += torch.stack(
             [
                 loss.double() * tokens,
-                torch.tensor(float(tokens), device=norm.device, dtype=torch.float64),
                 torch.where(finite, norm, 0).double(),
                 clipped.double(),
                 (~finite).double(),
-                torch.ones((), dtype=torch.float64, device=norm.device),
             ]
         )
-        self.sums += step
+        self.tokens += tokens
+        self.steps += 1
 
     def reduce(self, world_size: int) -> dict:
         """Collective: every rank calls it at the same step."""
-        sums = dist.all_reduce_sum(self.sums.clone()).tolist()
-        loss_tok, tokens, norm, clipped, skipped, steps = sums
+        counts = torch.tensor(
+            [self.tokens, self.steps], dtype=torch.float64, device=self.sums.device
+        )
+        sums = dist.all_reduce_sum(torch.cat([self.sums, counts])).tolist()
+        loss_tok, norm, clipped, skipped, tokens, steps = sums
         steps_per_rank = steps / world_size
         elapsed = time.perf_counter() - self.t0
         loss = loss_tok / max(tokens, 1)
@@ -65,6 +70,7 @@ class TrainAccumulator:
             "perf/tokens_per_s": tokens / max(elapsed, 1e-9),
             "_tokens": tokens,
         }
+        self.tokens = self.steps = 0
         self.sums.zero_()
         self.t0 = time.perf_counter()
         return out

@@ -151,8 +151,11 @@ class Stopper:
         """(preempted, out_of_time); a collective every `check_every` steps."""
         if step % self.check_every:
             return False, False
-        flags = torch.tensor([self.signalled, time.monotonic() > self.deadline], dtype=torch.int32)
-        if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
+        late = time.monotonic() > self.deadline
+        if not torch.distributed.is_initialized():  # nothing to agree on: no tensor per step
+            return self.signalled, late
+        flags = torch.tensor([self.signalled, late], dtype=torch.int32)
+        if torch.distributed.get_backend() == "nccl":
             flags = flags.cuda()
         preempt, late = dist.all_reduce_max(flags).tolist()
         return bool(preempt), bool(late)

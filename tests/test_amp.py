@@ -4,6 +4,7 @@ every rank alike, and the reported grad norm being the norm of the all-reduced g
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from conftest import TINY, free_port, run_cli
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pipeline.amp import Amp
+from pipeline.dist import shutdown
 from pipeline.metrics import TrainAccumulator, read_jsonl
 from pipeline.model import ScratchRNN
 from pipeline.train import train_step
@@ -134,82 +136,84 @@ def _init(rank: int, world: int, port: int) -> None:
     )
 
 
-def _worker_inf(rank: int, world: int, port: int, queue) -> None:
+def _worker(body, rank: int, world: int, port: int, queue) -> None:
     _init(rank, world, port)
     try:
-        model, opt, amp = tiny_setup("fp16")
-        params = list(model.parameters())
-        ddp = DDP(model)
-        x, y = batch(10 + rank)  # each rank its own data
-        before = snapshot(model)
-        if rank == 1:  # inf only on rank 1's local gradient; the all-reduce spreads it
-            model.W_hh.register_hook(lambda g: torch.full_like(g, math.inf))
-        acc = TrainAccumulator(CPU)
-        loss, norm, _ = train_step(ddp, params, x, y, model.init_state(B, CPU), opt, amp, 1.0)
-        acc.add(loss, x.numel(), norm, 1.0)
-        unchanged = all(torch.equal(v, before[k]) for k, v in snapshot(model).items())
-        queue.put(
-            (
-                rank,
-                unchanged,
-                bool(torch.isfinite(norm)),
-                amp.scaler.get_scale(),
-                acc.reduce(world)["amp/skipped_steps"],
-            )
-        )
+        queue.put(body(rank, world))
     finally:
-        tdist.destroy_process_group()
+        # body's frame (and its DDP model) is gone here: collect, then destroy the group, or
+        # gloo may abort at exit (pipeline.dist.shutdown, the trainer's own teardown)
+        shutdown()
 
 
-def _worker_norm(rank: int, world: int, port: int, queue) -> None:
-    _init(rank, world, port)
-    try:
-        model, opt, amp = tiny_setup("off")
-        x, y = batch(20 + rank)
-        # By hand: each rank's local gradient, averaged over ranks with an explicit all-reduce.
-        twin, _, _ = tiny_setup("off")
-        out, _ = twin(x, twin.init_state(B, CPU))
-        torch.nn.functional.cross_entropy(out.flatten(0, 1), y.t().reshape(-1)).backward()
-        local = torch.cat([p.grad.flatten() for p in twin.parameters()])
-        averaged = local.clone()
-        tdist.all_reduce(averaged)
-        averaged /= world
-        hand = averaged.double().norm().item()
-
-        clip = 0.5 * hand
-        acc = TrainAccumulator(CPU)
-        ddp = DDP(model)
-        loss, norm, _ = train_step(
-            ddp, list(model.parameters()), x, y, model.init_state(B, CPU), opt, amp, clip
-        )
-        acc.add(loss, x.numel(), norm, clip)
-        metrics = acc.reduce(world)
-        queue.put(
-            (
-                rank,
-                hand,
-                local.double().norm().item(),
-                norm.item(),
-                grad_norm(model),
-                metrics["opt/grad_norm"],
-                metrics["opt/clipped"],
-            )
-        )
-    finally:
-        tdist.destroy_process_group()
+def _body_inf(rank: int, world: int):
+    model, opt, amp = tiny_setup("fp16")
+    params = list(model.parameters())
+    ddp = DDP(model)
+    x, y = batch(10 + rank)  # each rank its own data
+    before = snapshot(model)
+    if rank == 1:  # inf only on rank 1's local gradient; the all-reduce spreads it
+        model.W_hh.register_hook(lambda g: torch.full_like(g, math.inf))
+    acc = TrainAccumulator(CPU)
+    loss, norm, _ = train_step(ddp, params, x, y, model.init_state(B, CPU), opt, amp, 1.0)
+    acc.add(loss, x.numel(), norm, 1.0)
+    unchanged = all(torch.equal(v, before[k]) for k, v in snapshot(model).items())
+    return (
+        rank,
+        unchanged,
+        bool(torch.isfinite(norm)),
+        amp.scaler.get_scale(),
+        acc.reduce(world)["amp/skipped_steps"],
+    )
 
 
-def _spawn(fn, world: int = 2) -> list:
+def _body_norm(rank: int, world: int):
+    model, opt, amp = tiny_setup("off")
+    x, y = batch(20 + rank)
+    # By hand: each rank's local gradient, averaged over ranks with an explicit all-reduce.
+    twin, _, _ = tiny_setup("off")
+    out, _ = twin(x, twin.init_state(B, CPU))
+    torch.nn.functional.cross_entropy(out.flatten(0, 1), y.t().reshape(-1)).backward()
+    local = torch.cat([p.grad.flatten() for p in twin.parameters()])
+    averaged = local.clone()
+    tdist.all_reduce(averaged)
+    averaged /= world
+    hand = averaged.double().norm().item()
+
+    clip = 0.5 * hand
+    acc = TrainAccumulator(CPU)
+    ddp = DDP(model)
+    loss, norm, _ = train_step(
+        ddp, list(model.parameters()), x, y, model.init_state(B, CPU), opt, amp, clip
+    )
+    acc.add(loss, x.numel(), norm, clip)
+    metrics = acc.reduce(world)
+    return (
+        rank,
+        hand,
+        local.double().norm().item(),
+        norm.item(),
+        grad_norm(model),
+        metrics["opt/grad_norm"],
+        metrics["opt/clipped"],
+    )
+
+
+def _spawn(body, world: int = 2) -> list:
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     mp.start_processes(
-        fn, args=(world, free_port(), queue), nprocs=world, join=True, start_method="spawn"
+        partial(_worker, body),
+        args=(world, free_port(), queue),
+        nprocs=world,
+        join=True,
+        start_method="spawn",
     )
     return sorted(queue.get() for _ in range(world))
 
 
 def test_inf_step_skipped_on_every_rank():
-    results = _spawn(_worker_inf)
+    results = _spawn(_body_inf)
     for rank, unchanged, finite, scale, skipped in results:
         assert unchanged, f"rank {rank} updated its parameters on an inf step"
         assert not finite, f"rank {rank} saw a finite norm"
@@ -219,7 +223,7 @@ def test_inf_step_skipped_on_every_rank():
 
 
 def test_reported_grad_norm_is_norm_of_all_reduced_grads():
-    results = _spawn(_worker_norm)
+    results = _spawn(_body_norm)
     hand = results[0][1]
     for rank, hand_r, _local, norm, after, logged, clipped in results:
         assert hand_r == pytest.approx(hand, rel=1e-6)  # the same global gradient everywhere
