@@ -9,13 +9,21 @@
 # 3. training under each AMP mode (the seed config, 50 epochs): losses finite and decreasing,
 #    fp16 skipped at most 3 steps
 # 4. torchrun --nproc_per_node=1: an nccl all-reduce, and the trainer under torchrun on CUDA
+# 5. with --songci: the GPU recipe (configs/songci.yaml) for a few epochs under torchrun:
+#    tokens/s, validation bits/char, samples (needs $PIPELINE_DATA_DIR/songci and `datasets`;
+#    about 2 more minutes)
 # Exit status: 0 when every check passed. Needs the jaychou zip: $PIPELINE_DATA_DIR, else
-# ../shared/data or ./shared/data (the machine has no network).
+# ../shared/data or ./shared/data (the machine has no network). $OUT keeps the log and the
+# results (a handful of small files); run folders and checkpoints go to a scratch folder.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
+SONGCI=0
+[ "${1:-}" = "--songci" ] && SONGCI=1
 OUT=${OUT:-$ROOT/runs/gpu_check}
 mkdir -p "$OUT"
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
 exec > >(tee "$OUT/gpu_check.log") 2>&1
 
 PY=${PY:-}
@@ -58,8 +66,8 @@ step "3. training under each AMP mode: finite, decreasing, few fp16 skips"
 for amp in off bf16 fp16; do
   check timeout 60 "$PY" -m pipeline train --config configs/seed_scratch_consecutive.yaml \
     train.device=cuda "train.amp=$amp" train.epochs=50 train.resume=never run.overwrite=true \
-    "run.dir=$OUT/amp_$amp" generate.prefixes=[] logging.progress=off
-  check "$PY" - "$OUT/amp_$amp/metrics.jsonl" "$amp" <<'EOF'
+    "run.dir=$WORK/amp_$amp" generate.prefixes=[] logging.progress=off
+  check "$PY" - "$WORK/amp_$amp/metrics.jsonl" "$amp" <<'EOF'
 import json, math, sys
 ev = [json.loads(l) for l in open(sys.argv[1]) if '"train/loss"' in l]
 loss = [e["train/loss"] for e in ev]
@@ -74,7 +82,7 @@ EOF
 done
 
 step "4. torchrun --nproc_per_node=1 on nccl"
-cat > "$OUT/nccl_probe.py" <<'EOF'
+cat > "$WORK/nccl_probe.py" <<'EOF'
 import torch, torch.distributed as dist
 dist.init_process_group("nccl", device_id=torch.device("cuda", 0))
 t = torch.ones(4, device="cuda") * (dist.get_rank() + 1)
@@ -83,11 +91,34 @@ assert t.sum().item() == 4 * dist.get_world_size(), t
 print("nccl all_reduce ok, world", dist.get_world_size(), "nccl", torch.cuda.nccl.version())
 dist.destroy_process_group()
 EOF
-check timeout 60 $TORCHRUN --standalone --nproc_per_node=1 "$OUT/nccl_probe.py"
+check timeout 60 $TORCHRUN --standalone --nproc_per_node=1 "$WORK/nccl_probe.py"
 check timeout 90 $TORCHRUN --standalone --nproc_per_node=1 -m pipeline train \
   --config configs/seed_scratch_consecutive.yaml train.device=cuda train.amp=auto \
-  train.epochs=5 train.resume=never run.overwrite=true "run.dir=$OUT/torchrun" \
+  train.epochs=5 train.resume=never run.overwrite=true "run.dir=$WORK/torchrun" \
   generate.prefixes=[] logging.progress=lines
+
+if [ $SONGCI = 1 ]; then
+  step "5. songci GPU recipe under torchrun: ${SONGCI_EPOCHS:=5} epochs (limit 150 s)"
+  if [ -d "$PIPELINE_DATA_DIR/songci" ] && "$PY" -c "import datasets" 2>/dev/null; then
+    check timeout 240 $TORCHRUN --standalone --nproc_per_node=1 -m pipeline train \
+      --config configs/songci.yaml train.device=cuda "train.epochs=$SONGCI_EPOCHS" \
+      train.time_limit=150 train.checkpoint_every=0 train.resume=never run.overwrite=true \
+      "run.dir=$WORK/songci" "data.cache_dir=$WORK/cache" logging.progress=lines
+    cp "$WORK/songci/metrics.jsonl" "$OUT/songci_metrics.jsonl" 2>/dev/null
+    "$PY" - "$OUT/songci_metrics.jsonl" <<'EOF'
+import json, sys
+ev = [json.loads(l) for l in open(sys.argv[1])]
+tr = [e for e in ev if "perf/tokens_per_s" in e]
+va = [e for e in ev if "val/bpc" in e]
+tps = sorted(e["perf/tokens_per_s"] for e in tr)[len(tr) // 2]
+print(f"songci: {tr[-1]['train/chars']:,} characters, median {tps:,.0f} tokens/s, peak "
+      f"{tr[-1].get('perf/gpu_peak_gib', 0):.1f} GiB, validation bits/char "
+      f"{va[-1]['val/bpc']:.3f} (perplexity {va[-1]['val/perplexity']:.1f})")
+EOF
+  else
+    echo "FAIL: --songci needs $PIPELINE_DATA_DIR/songci and the datasets package"; FAIL=1
+  fi
+fi
 
 step "done: $([ $FAIL = 0 ] && echo ALL PASSED || echo SOME FAILED); output in $OUT"
 exit $FAIL

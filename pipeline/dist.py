@@ -14,6 +14,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from .config import ConfigError
+
 
 @dataclass
 class DistContext:
@@ -39,7 +41,10 @@ def _env_int(name: str, default: int) -> int:
 def pick_device(requested: str, local_rank: int) -> torch.device:
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError("train.device=cuda but no CUDA device is available")
+            raise ConfigError(
+                f"config key 'train.device': 'cuda' requested, but torch {torch.__version__} "
+                f"sees no CUDA device; use train.device=cpu (or auto)"
+            )
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")

@@ -458,6 +458,9 @@ def _train(cfg: Config, ctx: dist.DistContext) -> dict:
                     )
                     if amp.mode == "fp16":
                         last_train["amp/scale"] = amp.scaler.get_scale()
+                    if ctx.device.type == "cuda":  # the allocator's counter: no device sync
+                        peak = torch.cuda.max_memory_allocated(ctx.device)
+                        last_train["perf/gpu_peak_gib"] = peak / 2**30
                     logger.log(pos.step, last_train)
                     progress.update(pos.step, last_train)
                 if (
