@@ -9,17 +9,13 @@
 # 3. training under each AMP mode (the seed config, 50 epochs): losses finite and decreasing,
 #    fp16 skipped at most 3 steps
 # 4. torchrun --nproc_per_node=1: an nccl all-reduce, and the trainer under torchrun on CUDA
-# 5. with --songci: the GPU recipe (configs/songci.yaml) for a few epochs under torchrun:
-#    tokens/s, validation bits/char, samples (needs $PIPELINE_DATA_DIR/songci and `datasets`;
-#    about 2 more minutes)
+# (launch/gpu_recipes.sh trains the larger GPU recipes and reports their bits/char.)
 # Exit status: 0 when every check passed. Needs the jaychou zip: $PIPELINE_DATA_DIR, else
 # ../shared/data or ./shared/data (the machine has no network). $OUT keeps the log and the
 # results (a handful of small files); run folders and checkpoints go to a scratch folder.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
-SONGCI=0
-[ "${1:-}" = "--songci" ] && SONGCI=1
 OUT=${OUT:-$ROOT/runs/gpu_check}
 mkdir -p "$OUT"
 WORK=$(mktemp -d)
@@ -96,29 +92,6 @@ check timeout 90 $TORCHRUN --standalone --nproc_per_node=1 -m pipeline train \
   --config configs/seed_scratch_consecutive.yaml train.device=cuda train.amp=auto \
   train.epochs=5 train.resume=never run.overwrite=true "run.dir=$WORK/torchrun" \
   generate.prefixes=[] logging.progress=lines
-
-if [ $SONGCI = 1 ]; then
-  step "5. songci GPU recipe under torchrun: ${SONGCI_EPOCHS:=5} epochs (limit 150 s)"
-  if [ -d "$PIPELINE_DATA_DIR/songci" ] && "$PY" -c "import datasets" 2>/dev/null; then
-    check timeout 240 $TORCHRUN --standalone --nproc_per_node=1 -m pipeline train \
-      --config configs/songci.yaml train.device=cuda "train.epochs=$SONGCI_EPOCHS" \
-      train.time_limit=150 train.checkpoint_every=0 train.resume=never run.overwrite=true \
-      "run.dir=$WORK/songci" "data.cache_dir=$WORK/cache" logging.progress=lines
-    cp "$WORK/songci/metrics.jsonl" "$OUT/songci_metrics.jsonl" 2>/dev/null
-    "$PY" - "$OUT/songci_metrics.jsonl" <<'EOF'
-import json, sys
-ev = [json.loads(l) for l in open(sys.argv[1])]
-tr = [e for e in ev if "perf/tokens_per_s" in e]
-va = [e for e in ev if "val/bpc" in e]
-tps = sorted(e["perf/tokens_per_s"] for e in tr)[len(tr) // 2]
-print(f"songci: {tr[-1]['train/chars']:,} characters, median {tps:,.0f} tokens/s, peak "
-      f"{tr[-1].get('perf/gpu_peak_gib', 0):.1f} GiB, validation bits/char "
-      f"{va[-1]['val/bpc']:.3f} (perplexity {va[-1]['val/perplexity']:.1f})")
-EOF
-  else
-    echo "FAIL: --songci needs $PIPELINE_DATA_DIR/songci and the datasets package"; FAIL=1
-  fi
-fi
 
 step "done: $([ $FAIL = 0 ] && echo ALL PASSED || echo SOME FAILED); output in $OUT"
 exit $FAIL

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The GPU recipes on one node under torchrun, then checkpoints/best.pt evaluated over the whole
+# validation and test splits, and a one-line summary per recipe.
+#
+#   launch/gpu_recipes.sh                      # configs/songci.yaml
+#   launch/gpu_recipes.sh songci poetry        # several, one after the other
+#   OVERRIDES_poetry="train.epochs=1" launch/gpu_recipes.sh poetry
+#
+# Environment: NPROC (ranks; default the number of GPUs), PIPELINE_DATA_DIR (the dataset
+# folders), RUNS (run folders; default runs/), OUT (summaries, metrics.jsonl copies and the
+# log; default runs/gpu_recipes), OVERRIDES_<name> (extra config overrides for that recipe).
+# Exit status: 0 when every recipe trained and evaluated.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-python3}
+[ -x .venv/bin/python ] && [ "$PY" = python3 ] && PY=.venv/bin/python
+TORCHRUN=$(dirname "$(command -v "$PY")")/torchrun
+[ -x "$TORCHRUN" ] || TORCHRUN="$PY -m torch.distributed.run"
+NPROC=${NPROC:-$("$PY" -c "import torch; print(max(torch.cuda.device_count(), 1))")}
+RUNS=${RUNS:-runs}
+OUT=${OUT:-runs/gpu_recipes}
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/gpu_recipes.log") 2>&1
+export PYTHONUNBUFFERED=1
+[ $# -gt 0 ] || set -- songci
+FAIL=0
+
+for name in "$@"; do
+  cfg=configs/$name.yaml
+  [ -f "$cfg" ] || { echo "error: no recipe $cfg"; FAIL=1; continue; }
+  extra_var=OVERRIDES_$name
+  read -r -a extra <<<"${!extra_var:-}"
+  run_dir=$RUNS/$name
+  echo "=== $name: $NPROC rank(s), $cfg ${extra[*]:-} ($(date +%T))"
+  if ! $TORCHRUN --standalone --nproc_per_node="$NPROC" -m pipeline train --config "$cfg" \
+    train.resume=never run.overwrite=true "run.dir=$run_dir" logging.progress=lines \
+    "${extra[@]}"; then
+    echo "FAIL: $name training"; FAIL=1; continue
+  fi
+  for split in validation test; do
+    "$PY" -m pipeline eval --checkpoint "$run_dir/checkpoints/best.pt" --split "$split" \
+      >"$OUT/${name}_$split.json" || { echo "FAIL: $name eval $split"; FAIL=1; }
+  done
+  cp "$run_dir/metrics.jsonl" "$OUT/${name}_metrics.jsonl"
+  "$PY" - "$OUT" "$name" <<'EOF'
+import json, sys
+out, name = sys.argv[1:]
+ev = [json.loads(line) for line in open(f"{out}/{name}_metrics.jsonl")]
+tr = [e for e in ev if "perf/tokens_per_s" in e]
+tps = sorted(e["perf/tokens_per_s"] for e in tr[1:] or tr)[len(tr[1:] or tr) // 2]
+split = {s: json.loads(open(f"{out}/{name}_{s}.json").read().splitlines()[-1]) for s in
+         ("validation", "test")}
+last = tr[-1]
+print(f"{name}: {last['train/chars']:,} characters in {last['time/elapsed_s']:.0f} s, "
+      f"median {tps:,.0f} tokens/s, peak {last.get('perf/gpu_peak_gib', 0):.1f} GiB; best.pt "
+      f"bits/char validation {split['validation']['bpc']:.3f}, test {split['test']['bpc']:.3f}")
+EOF
+done
+echo "=== $([ $FAIL = 0 ] && echo ALL PASSED || echo SOME FAILED) ($(date +%T)); output in $OUT"
+exit $FAIL
