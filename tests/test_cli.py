@@ -96,6 +96,24 @@ def test_generate_missing_checkpoint_exits_2(tmp_path):
     assert "none.pt' does not exist" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_requested_without_cuda_exits_2(tmp_path):
+    proc = run_cli(
+        [
+            "train",
+            "--config",
+            "configs/seed_scratch_consecutive.yaml",
+            *TINY,
+            f"run.dir={tmp_path / 'run'}",
+            "train.device=cuda",
+        ],
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "config key 'train.device'" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_checkpoint_holds_no_code(trained):
     """weights_only loading refuses pickled objects; ours loads, so it holds only data."""
     run_dir, _, _ = trained

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, load_ckpt, run_cli
+from conftest import ROOT, TINY, load_ckpt, run_cli, sub_env
 
 from pipeline import config
 from pipeline.config import ConfigError
@@ -141,3 +143,49 @@ def test_dropout_acts_in_training_only():
     plain = _model(kind="gru", hidden_size=16, num_layers=2, dropout=0.0)
     assert torch.equal(plain(x, s)[0], plain(x, s)[0])
     assert plain.rnn.dropout == 0.0 and m.rnn.dropout == 0.5
+
+
+def test_gpu_recipes_script_trains_and_evaluates_best(tmp_path):
+    """launch/gpu_recipes.sh end to end on the CPU at a tiny size: torchrun training, then
+    `pipeline eval` of best.pt on validation and test; the validation loss it reports is the
+    trainer's best validation loss (same streams, same checkpoint)."""
+    tiny = (
+        "train.device=cpu train.amp=off model.hidden_size=32 model.embedding_size=32 "
+        "model.num_layers=1 train.batch_size=8 train.num_steps=16 train.max_steps=24 "
+        "train.eval_every=8 train.checkpoint_every=8 train.log_every=4 "
+        "generate.prefixes=[] logging.wandb.mode=disabled"
+    )
+    out = tmp_path / "out"
+    env = sub_env(
+        PY=sys.executable, NPROC=1, RUNS=tmp_path / "runs", OUT=out, OVERRIDES_songci=tiny
+    )
+    proc = subprocess.run(
+        ["bash", "launch/gpu_recipes.sh", "songci"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "ALL PASSED" in proc.stdout
+    val = json.loads((out / "songci_validation.json").read_text().splitlines()[-1])
+    test = json.loads((out / "songci_test.json").read_text().splitlines()[-1])
+    assert val["split"] == "validation" and test["split"] == "test"
+    events = [json.loads(line) for line in open(out / "songci_metrics.jsonl")]
+    best = min(e["val/loss"] for e in events if "val/loss" in e)
+    assert val["loss"] == pytest.approx(best, rel=1e-5)
+    assert f"validation {val['bpc']:.3f}, test {test['bpc']:.3f}" in proc.stdout
+
+
+def test_gpu_recipes_script_rejects_unknown_recipe(tmp_path):
+    proc = subprocess.run(
+        ["bash", "launch/gpu_recipes.sh", "nosuch"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=sub_env(PY=sys.executable, NPROC=1, OUT=tmp_path / "out"),
+    )
+    assert proc.returncode == 1
+    assert "no recipe configs/nosuch.yaml" in proc.stdout
