@@ -251,15 +251,11 @@ def run(cfg: Config) -> dict:
         dist.shutdown()
 
 
-def _train(cfg: Config, ctx: dist.DistContext) -> dict:
-    run_dir = Path(cfg.run.dir)
-    cfg_dict = config_mod.to_dict(cfg)
-    log = print if ctx.is_main else (lambda *a, **k: None)
+def _data(cfg: Config, ctx: dist.DistContext):
+    """Every rank builds the same vocabulary and ids (a pure function of the corpus), then
+    takes its own streams."""
     tcfg = cfg.train
-
-    # Data: every rank builds the same vocabulary and ids (a pure function of the corpus).
     corpus = load_corpus(cfg.data, ctx)
-    vocab: Vocab = corpus.vocab
     streams = make_train_streams(
         corpus.splits["train"],
         tcfg.sampling,
@@ -281,6 +277,89 @@ def _train(cfg: Config, ctx: dist.DistContext) -> dict:
             ctx.world_size,
             ctx.device,
         )
+    return corpus.vocab, streams, valid
+
+
+@dataclass
+class Resumed:
+    pos: Position
+    hidden: State | None = None
+    run_id: str = ""
+    best_val: float = math.inf
+
+
+def _resume(found, cfg, cfg_dict, vocab, model, optimizer, amp, streams, ctx, log) -> Resumed:
+    """Load a found checkpoint into model, optimizer and scaler; the position to go on from."""
+    if not found:
+        return Resumed(Position())
+    path, saved = found
+    tcfg = cfg.train
+    ckpt.check_compatible(saved, cfg_dict, vocab.to_list(), path)
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    if saved["scaler"]:
+        amp.scaler.load_state_dict(saved["scaler"])
+    pos = Position(
+        saved["step"], saved["epoch"], saved["batch_in_epoch"], saved.get("train_time", 0.0)
+    )
+    hidden = restore_hidden(saved["hidden"], ctx, streams.b) if saved["hidden"] else None
+    restore_rng(saved, ctx, tcfg.seed)
+    warn_schedule_change(saved["config"]["train"], tcfg, streams.epoch_size, log)
+    log(
+        f"resumed from '{path}' at step {pos.step} (epoch {pos.epoch}, "
+        f"minibatch {pos.batch}; saved with {saved.get('world_size')} ranks)"
+    )
+    return Resumed(pos, hidden, saved.get("wandb_run_id", ""), saved.get("best_val_loss", math.inf))
+
+
+def _samples(model, vocab: Vocab, cfg: Config, device, progress: Progress) -> list:
+    """The configured prefixes continued by the model (rank 0 only)."""
+    rows = []
+    for prefix in cfg.generate.prefixes:
+        try:
+            text = generate(
+                model,
+                vocab,
+                prefix,
+                cfg.generate.length,
+                cfg.generate.temperature,
+                cfg.generate.top_k,
+                seed=cfg.train.seed,
+                device=device,
+            )
+        except PrefixError as err:
+            text = f"(skipped: {err})"
+        rows.append((prefix, text))
+        progress.write(f" - {text}")
+    return rows
+
+
+def due(every: int, step: int) -> bool:
+    """Whether a `*_every` interval (0 = never) ends at this step."""
+    return every > 0 and step % every == 0
+
+
+def _interval_record(pos: Position, optimizer, amp: Amp, ctx, tokens_per_step: int) -> dict:
+    """Host-side values logged with each training interval (no device reads)."""
+    rec = {
+        "epoch": pos.epoch,
+        "opt/lr": optimizer.param_groups[0]["lr"],
+        "train/chars": pos.step * tokens_per_step,
+        "world_size": ctx.world_size,
+    }
+    if amp.mode == "fp16":
+        rec["amp/scale"] = amp.scaler.get_scale()
+    if ctx.device.type == "cuda":  # the allocator's counter: no device sync
+        rec["perf/gpu_peak_gib"] = torch.cuda.max_memory_allocated(ctx.device) / 2**30
+    return rec
+
+
+def _train(cfg: Config, ctx: dist.DistContext) -> dict:
+    run_dir = Path(cfg.run.dir)
+    cfg_dict = config_mod.to_dict(cfg)
+    log = print if ctx.is_main else (lambda *a, **k: None)
+    tcfg = cfg.train
+    vocab, streams, valid = _data(cfg, ctx)
 
     # Model, optimizer, AMP; then any checkpoint; DDP wraps the model only after loading.
     torch.manual_seed(tcfg.seed)
@@ -292,27 +371,10 @@ def _train(cfg: Config, ctx: dist.DistContext) -> dict:
             p.unlink(missing_ok=True)
     dist.barrier()
     found = resolve_resume(cfg, run_dir, log)
-    pos, hidden, run_id, best_val = Position(), None, "", math.inf
-    if found:
-        path, saved = found
-        ckpt.check_compatible(saved, cfg_dict, vocab.to_list(), path)
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        amp.scaler.load_state_dict(saved["scaler"]) if saved["scaler"] else None
-        pos = Position(
-            saved["step"], saved["epoch"], saved["batch_in_epoch"], saved.get("train_time", 0.0)
-        )
-        if saved["hidden"]:
-            hidden = restore_hidden(saved["hidden"], ctx, streams.b)
-        restore_rng(saved, ctx, tcfg.seed)
-        warn_schedule_change(saved["config"]["train"], tcfg, streams.epoch_size, log)
-        run_id, best_val = saved.get("wandb_run_id", ""), saved.get("best_val_loss", math.inf)
-        log(
-            f"resumed from '{path}' at step {pos.step} (epoch {pos.epoch}, "
-            f"minibatch {pos.batch}; saved with {saved.get('world_size')} ranks)"
-        )
-        del saved
-    run_id = run_id or dist.broadcast_object(_new_run_id())
+    r = _resume(found, cfg, cfg_dict, vocab, model, optimizer, amp, streams, ctx, log)
+    del found
+    pos, hidden, best_val = r.pos, r.hidden, r.best_val
+    run_id = r.run_id or dist.broadcast_object(_new_run_id())
     train_model = DDP(model) if ctx.distributed else model
     if tcfg.compile:
         train_model = torch.compile(train_model)
@@ -387,24 +449,7 @@ def _train(cfg: Config, ctx: dist.DistContext) -> dict:
             if improved:
                 save("best.pt", periodic=False)
         if ctx.is_main and cfg.generate.prefixes:
-            rows = []
-            for prefix in cfg.generate.prefixes:
-                try:
-                    text = generate(
-                        model,
-                        vocab,
-                        prefix,
-                        cfg.generate.length,
-                        cfg.generate.temperature,
-                        cfg.generate.top_k,
-                        seed=tcfg.seed,
-                        device=ctx.device,
-                    )
-                except PrefixError as err:
-                    text = f"(skipped: {err})"
-                rows.append((prefix, text))
-                progress.write(f" - {text}")
-            logger.samples(pos.step, rows)
+            logger.samples(pos.step, _samples(model, vocab, cfg, ctx.device, progress))
         return out
 
     # ---- the loop
@@ -415,76 +460,51 @@ def _train(cfg: Config, ctx: dist.DistContext) -> dict:
     last_train: dict = {}
     last_val: dict = {}
     reason = "done"
+    stop = pos.step >= total_steps or pos.epoch >= tcfg.epochs  # resumed at the very end
     try:
-        while pos.step < total_steps and pos.epoch < tcfg.epochs and reason == "done":
-            for i in range(pos.batch, streams.epoch_size):
-                if tcfg.sampling == "random" or i == 0 or hidden is None:
-                    hidden = model.init_state(streams.b, ctx.device)  # fresh per batch / epoch
-                else:
-                    hidden = detach_state(hidden)  # carried across minibatches, graph cut
-                x_BT, y_BT = streams.batch(pos.epoch, i)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(tcfg, pos.step, lr_steps)
-                loss, norm, hidden = train_step(
-                    train_model, params, x_BT, y_BT, hidden, optimizer, amp, tcfg.clip
-                )
-                acc.add(loss, x_BT.numel(), norm, tcfg.clip)
-                pos.step, pos.batch = pos.step + 1, i + 1
-                end_of_epoch = pos.batch == streams.epoch_size
-                if end_of_epoch:
-                    pos.epoch, pos.batch = pos.epoch + 1, 0
-                final = pos.step >= total_steps or pos.epoch >= tcfg.epochs
-                preempt, late = stopper.poll(pos.step)
-                if preempt:
-                    reason = "preempted"
-                elif late:
-                    reason = "time_limit"
-                stop = final or reason != "done"
-
-                if (
-                    (tcfg.log_every and pos.step % tcfg.log_every == 0)
-                    or (not tcfg.log_every and end_of_epoch)
-                    or stop
-                ):
-                    last_train = acc.reduce(ctx.world_size)
-                    last_train.update(
-                        {
-                            "epoch": pos.epoch,
-                            "opt/lr": optimizer.param_groups[0]["lr"],
-                            "train/chars": pos.step * tokens_per_step,
-                            "time/elapsed_s": elapsed(),
-                            "world_size": ctx.world_size,
-                        }
-                    )
-                    if amp.mode == "fp16":
-                        last_train["amp/scale"] = amp.scaler.get_scale()
-                    if ctx.device.type == "cuda":  # the allocator's counter: no device sync
-                        peak = torch.cuda.max_memory_allocated(ctx.device)
-                        last_train["perf/gpu_peak_gib"] = peak / 2**30
-                    logger.log(pos.step, last_train)
-                    progress.update(pos.step, last_train)
-                if (
-                    (tcfg.eval_every and pos.step % tcfg.eval_every == 0)
-                    or (
-                        not tcfg.eval_every
-                        and end_of_epoch
-                        and pos.epoch % tcfg.eval_every_epochs == 0
-                    )
-                    or stop
-                ):
-                    if reason != "preempted":
-                        last_val = run_eval() or last_val
-                periodic = bool(tcfg.checkpoint_every) and pos.step % tcfg.checkpoint_every == 0
-                if periodic or stop:
-                    pos.train_time += time.monotonic() - started
-                    started = time.monotonic()
-                    logger.commit()  # wandb gets events up to this resumable point
-                    save("last.pt", periodic=periodic)
-                if stop:
-                    break
+        while not stop:
+            i = pos.batch
+            if tcfg.sampling == "random" or i == 0 or hidden is None:
+                hidden = model.init_state(streams.b, ctx.device)  # fresh per batch / epoch
             else:
-                continue
-            break
+                hidden = detach_state(hidden)  # carried across minibatches, graph cut
+            x_BT, y_BT = streams.batch(pos.epoch, i)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(tcfg, pos.step, lr_steps)
+            loss, norm, hidden = train_step(
+                train_model, params, x_BT, y_BT, hidden, optimizer, amp, tcfg.clip
+            )
+            acc.add(loss, x_BT.numel(), norm, tcfg.clip)
+            pos.step, pos.batch = pos.step + 1, i + 1
+            end_of_epoch = pos.batch == streams.epoch_size
+            if end_of_epoch:
+                pos.epoch, pos.batch = pos.epoch + 1, 0
+            final = pos.step >= total_steps or pos.epoch >= tcfg.epochs
+            preempt, late = stopper.poll(pos.step)
+            if preempt:
+                reason = "preempted"
+            elif late:
+                reason = "time_limit"
+            stop = final or reason != "done"
+
+            by_epoch = end_of_epoch and pos.epoch % tcfg.eval_every_epochs == 0
+            if stop or (due(tcfg.log_every, pos.step) if tcfg.log_every else end_of_epoch):
+                last_train = {
+                    **acc.reduce(ctx.world_size),  # the one host read of the interval
+                    **_interval_record(pos, optimizer, amp, ctx, tokens_per_step),
+                    "time/elapsed_s": elapsed(),
+                }
+                logger.log(pos.step, last_train)
+                progress.update(pos.step, last_train)
+            if stop or (due(tcfg.eval_every, pos.step) if tcfg.eval_every else by_epoch):
+                if reason != "preempted":
+                    last_val = run_eval() or last_val
+            periodic = due(tcfg.checkpoint_every, pos.step)
+            if periodic or stop:
+                pos.train_time += time.monotonic() - started
+                started = time.monotonic()
+                logger.commit()  # wandb gets events up to this resumable point
+                save("last.pt", periodic=periodic)
     finally:
         stopper.restore()
         progress.close()
