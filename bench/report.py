@@ -109,18 +109,18 @@ def _ddp(sec: dict) -> str:
     lines = [
         _machine(sec),
         "Weak scaling with real `torchrun --standalone` on gloo: 1 rank x 1 thread with "
-        "global batch 32 vs 2 ranks x 1 thread with global batch 64 (32 streams per rank), "
+        "global batch B vs 2 ranks x 1 thread with global batch 2B (B streams per rank), "
         f"rnn_scratch hidden 256, 35 steps, full corpus (vocabulary 2,614, so a bigger output "
         f"layer than the seed rows above), {sec['steps']} steps; tokens/s is "
         "the trainer's global `perf/tokens_per_s` (median over log intervals of "
         f"{sec['log_every']} steps, first dropped), median over alternating runs. "
         "Efficiency = tokens/s(2 ranks) / (2 x tokens/s(1 rank)); target >= 0.85.\n\n",
-        "| precision | 1 rank tokens/s | 2 ranks tokens/s | efficiency |",
-        "|---|---:|---:|---:|",
+        "| precision | streams per rank | 1 rank tokens/s | 2 ranks tokens/s | efficiency |",
+        "|---|---:|---:|---:|---:|",
     ]
     for r in sec["rows"]:
         lines.append(
-            f"| {r['amp']} | {r['tokens_per_s_1x1']:,.0f} | "
+            f"| {r['amp']} | {r.get('streams_per_rank', 32)} | {r['tokens_per_s_1x1']:,.0f} | "
             f"{r['tokens_per_s_2x1']:,.0f} | {r['efficiency']:.2f} |"
         )
     return "\n".join(lines) + "\n"

@@ -190,7 +190,9 @@ def throughput(args) -> dict:
 # ---------------------------------------------------------------- DDP weak scaling
 
 
-def torchrun_tokens_per_s(world: int, steps: int, log_every: int, amp: str, tmp: Path) -> float:
+def torchrun_tokens_per_s(
+    world: int, steps: int, log_every: int, amp: str, tmp: Path, per_rank: int = 32
+) -> float:
     run_dir = tmp / f"ddp_w{world}"
     cmd = [
         "timeout",
@@ -209,7 +211,7 @@ def torchrun_tokens_per_s(world: int, steps: int, log_every: int, amp: str, tmp:
         "train.resume=never",
         "run.overwrite=true",
         "data.max_chars=0",
-        f"train.batch_size={32 * world}",
+        f"train.batch_size={per_rank * world}",
         f"train.max_steps={steps}",
         "train.epochs=100000",
         f"train.log_every={log_every}",
@@ -234,26 +236,32 @@ def torchrun_tokens_per_s(world: int, steps: int, log_every: int, amp: str, tmp:
 def ddp_scaling(args) -> dict:
     out = {"steps": args.ddp_steps, "log_every": args.ddp_log_every, "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
-        for amp in ("off", "bf16"):
-            rates = {1: [], 2: []}
-            for r in range(args.ddp_rounds):
-                for world in (1, 2) if r % 2 == 0 else (2, 1):
-                    rates[world].append(
-                        torchrun_tokens_per_s(
-                            world, args.ddp_steps, args.ddp_log_every, amp, Path(tmp)
+        for per_rank in args.ddp_per_rank:
+            for amp in ("off", "bf16"):
+                rates = {1: [], 2: []}
+                for r in range(args.ddp_rounds):
+                    for world in (1, 2) if r % 2 == 0 else (2, 1):
+                        rates[world].append(
+                            torchrun_tokens_per_s(
+                                world, args.ddp_steps, args.ddp_log_every, amp, Path(tmp), per_rank
+                            )
                         )
-                    )
-            one, two = statistics.median(rates[1]), statistics.median(rates[2])
-            out["rows"].append(
-                {
-                    "amp": "fp32" if amp == "off" else amp,
-                    "tokens_per_s_1x1": one,
-                    "tokens_per_s_2x1": two,
-                    "efficiency": two / (2 * one),
-                    "rounds": rates,
-                }
-            )
-            print(f"DDP {amp}: 1 rank {one:.0f}, 2 ranks {two:.0f} tokens/s", flush=True)
+                one, two = statistics.median(rates[1]), statistics.median(rates[2])
+                out["rows"].append(
+                    {
+                        "amp": "fp32" if amp == "off" else amp,
+                        "streams_per_rank": per_rank,
+                        "tokens_per_s_1x1": one,
+                        "tokens_per_s_2x1": two,
+                        "efficiency": two / (2 * one),
+                        "rounds": rates,
+                    }
+                )
+                print(
+                    f"DDP {amp}, {per_rank} streams/rank: 1 rank {one:.0f}, "
+                    f"2 ranks {two:.0f} tokens/s",
+                    flush=True,
+                )
     return out
 
 
@@ -381,6 +389,12 @@ def main(argv=None) -> int:
     ap.add_argument("--ddp-rounds", type=int, default=3)
     ap.add_argument("--ddp-steps", type=int, default=120)
     ap.add_argument("--ddp-log-every", type=int, default=20)
+    ap.add_argument(
+        "--ddp-per-rank",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=[32, 64],
+        help="streams per rank, comma-separated (32 = the chapter's batch on each rank)",
+    )
     ap.add_argument("--parity-epochs", type=int, default=250)
     ap.add_argument("--results", help="default bench/results.json (--quick: bench/out/)")
     ap.add_argument("--docs", help="default docs/benchmarks.md (--quick: bench/out/)")

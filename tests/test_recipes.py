@@ -145,6 +145,18 @@ def test_dropout_acts_in_training_only():
     assert plain.rnn.dropout == 0.0 and m.rnn.dropout == 0.5
 
 
+def gpu_recipes(*names: str, **env) -> subprocess.CompletedProcess:
+    """launch/gpu_recipes.sh as a real process, this interpreter as its Python."""
+    return subprocess.run(
+        ["bash", "launch/gpu_recipes.sh", *names],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=sub_env(PY=sys.executable, NPROC=1, **env),
+    )
+
+
 def test_gpu_recipes_script_trains_and_evaluates_best(tmp_path):
     """launch/gpu_recipes.sh end to end on the CPU at a tiny size: torchrun training, then
     `pipeline eval` of best.pt on validation and test; the validation loss it reports is the
@@ -156,17 +168,7 @@ def test_gpu_recipes_script_trains_and_evaluates_best(tmp_path):
         "generate.prefixes=[] logging.wandb.mode=disabled"
     )
     out = tmp_path / "out"
-    env = sub_env(
-        PY=sys.executable, NPROC=1, RUNS=tmp_path / "runs", OUT=out, OVERRIDES_songci=tiny
-    )
-    proc = subprocess.run(
-        ["bash", "launch/gpu_recipes.sh", "songci"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+    proc = gpu_recipes("songci", RUNS=tmp_path / "runs", OUT=out, OVERRIDES_songci=tiny)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "ALL PASSED" in proc.stdout
     val = json.loads((out / "songci_validation.json").read_text().splitlines()[-1])
@@ -179,13 +181,6 @@ def test_gpu_recipes_script_trains_and_evaluates_best(tmp_path):
 
 
 def test_gpu_recipes_script_rejects_unknown_recipe(tmp_path):
-    proc = subprocess.run(
-        ["bash", "launch/gpu_recipes.sh", "nosuch"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=sub_env(PY=sys.executable, NPROC=1, OUT=tmp_path / "out"),
-    )
+    proc = gpu_recipes("nosuch", OUT=tmp_path / "out")
     assert proc.returncode == 1
     assert "no recipe configs/nosuch.yaml" in proc.stdout
