@@ -6,10 +6,13 @@
 #   launch/gpu_recipes.sh songci poetry        # several, one after the other
 #   OVERRIDES_poetry="train.epochs=1" launch/gpu_recipes.sh poetry
 #
-# Environment: NPROC (ranks; default the number of GPUs), PIPELINE_DATA_DIR (the dataset
-# folders), RUNS (run folders; default runs/), OUT (summaries, metrics.jsonl copies and the
-# log; default runs/gpu_recipes), OVERRIDES_<name> (extra config overrides for that recipe).
-# Exit status: 0 when every recipe trained and evaluated.
+# Each recipe starts FRESH in $RUNS/<name> (train.resume=never, run.overwrite=true: an earlier
+# run in that folder is replaced). Environment: NPROC (ranks; default the number of GPUs),
+# PIPELINE_DATA_DIR (the dataset folders), RUNS (run folders; default runs/gpu_recipes),
+# OUT (summaries, metrics.jsonl copies and the log; default runs/gpu_recipes),
+# OVERRIDES_<name> (extra config overrides for that recipe; other characters of the name
+# than letters, digits and _ become _). Exit status: 0 when every recipe trained, was
+# evaluated and summarised.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -17,7 +20,7 @@ PY=${PY:-python3}
 TORCHRUN=$(dirname "$(command -v "$PY")")/torchrun
 [ -x "$TORCHRUN" ] || TORCHRUN="$PY -m torch.distributed.run"
 NPROC=${NPROC:-$("$PY" -c "import torch; print(max(torch.cuda.device_count(), 1))")}
-RUNS=${RUNS:-runs}
+RUNS=${RUNS:-runs/gpu_recipes}
 OUT=${OUT:-runs/gpu_recipes}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu_recipes.log") 2>&1
@@ -28,7 +31,7 @@ FAIL=0
 for name in "$@"; do
   cfg=configs/$name.yaml
   [ -f "$cfg" ] || { echo "error: no recipe $cfg"; FAIL=1; continue; }
-  extra_var=OVERRIDES_$name
+  extra_var=OVERRIDES_${name//[^A-Za-z0-9_]/_}
   read -r -a extra <<<"${!extra_var:-}"
   run_dir=$RUNS/$name
   echo "=== $name: $NPROC rank(s), $cfg ${extra[*]:-} ($(date +%T))"
@@ -37,12 +40,14 @@ for name in "$@"; do
     "${extra[@]}"; then
     echo "FAIL: $name training"; FAIL=1; continue
   fi
+  evaluated=1
   for split in validation test; do
     "$PY" -m pipeline eval --checkpoint "$run_dir/checkpoints/best.pt" --split "$split" \
-      >"$OUT/${name}_$split.json" || { echo "FAIL: $name eval $split"; FAIL=1; }
+      >"$OUT/${name}_$split.json" || { echo "FAIL: $name eval $split"; FAIL=1; evaluated=0; }
   done
-  cp "$run_dir/metrics.jsonl" "$OUT/${name}_metrics.jsonl"
-  "$PY" - "$OUT" "$name" <<'EOF'
+  cp "$run_dir/metrics.jsonl" "$OUT/${name}_metrics.jsonl" || FAIL=1
+  [ $evaluated = 1 ] || continue
+  "$PY" - "$OUT" "$name" <<'EOF' || { echo "FAIL: $name summary"; FAIL=1; }
 import json, sys
 out, name = sys.argv[1:]
 ev = [json.loads(line) for line in open(f"{out}/{name}_metrics.jsonl")]

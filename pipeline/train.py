@@ -302,6 +302,12 @@ def _resume(found, cfg, cfg_dict, vocab, model, optimizer, amp, streams, ctx, lo
     pos = Position(
         saved["step"], saved["epoch"], saved["batch_in_epoch"], saved.get("train_time", 0.0)
     )
+    if pos.batch >= streams.epoch_size:  # data.* may change on resume; this cannot
+        raise ckpt.CheckpointError(
+            f"checkpoint '{path}' stopped after minibatch {pos.batch} of epoch {pos.epoch}, "
+            f"but the training data now gives {streams.epoch_size} minibatches an epoch: "
+            f"the corpus changed; use another run.dir or train.resume=never"
+        )
     hidden = restore_hidden(saved["hidden"], ctx, streams.b) if saved["hidden"] else None
     restore_rng(saved, ctx, tcfg.seed)
     warn_schedule_change(saved["config"]["train"], tcfg, streams.epoch_size, log)

@@ -152,6 +152,20 @@ def test_resume_never_protects_the_run_dir(straight, tmp_path, capsys):
     assert_same_params(load_ckpt(tmp_path), straight("consecutive"))  # a fresh start
 
 
+def test_resume_refuses_a_position_beyond_a_shorter_corpus(tmp_path, capsys):
+    """data.* may change between runs; a saved minibatch index past the new epoch may not
+    (the loop would read empty slices and never reach the epoch's end)."""
+    text = tmp_path / "abc.txt"
+    text.write_text("abcdefghij\n" * 200, encoding="utf-8")  # same vocabulary when cut
+    run, case = tmp_path / "run", [*CASES["consecutive"], f"data.path={text}"]
+    assert train(run, *case, "data.max_chars=1100", f"train.max_steps={k}") == 0  # 34 a epoch
+    capsys.readouterr()
+    assert train(run, *case, "data.max_chars=330", f"train.max_steps={K}") == 2  # 10 a epoch
+    err = capsys.readouterr().err
+    assert f"stopped after minibatch {k} of epoch 0" in err and "corpus changed" in err
+    assert load_ckpt(run)["step"] == k  # untouched
+
+
 @pytest.fixture(scope="module")
 def saved_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("saved")
