@@ -59,20 +59,23 @@ def _machine(sec: dict) -> str:
 
 
 def _parity(sec: dict) -> str:
+    seeds = sec.get("seeds", [0])
     lines = [
         _machine(sec),
         f"Training perplexity at epoch {sec['epochs']} (`train/perplexity` of the last "
         "epoch in metrics.jsonl; each precision of a config run side by side, 1 thread "
-        "each). Targets: within 10% of the chapter's code run here, bf16 within 5% of "
-        "fp32.\n\n",
-        "| config | chapter | fp32 | fp32 / chapter | bf16 | bf16 / fp32 | s (fp32, bf16) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        f"each; mean over train.seed {', '.join(map(str, seeds))}). Targets: within 10% of "
+        "the chapter's code run here, bf16 within 5% of fp32.\n\n",
+        "| config | chapter | fp32 | fp32 / chapter | bf16 | bf16 / fp32 | bf16 / fp32 per seed "
+        "| s (fp32, bf16) |",
+        "|---|---:|---:|---:|---:|---:|---|---:|",
     ]
     for r in sec["rows"]:
+        per = ", ".join(f"{p['bf16'] / p['fp32']:.3f}" for p in r.get("per_seed", []))
         lines.append(
             f"| {r['config']} | {r['chapter']:.2f} | {r['fp32']:.3f} | "
             f"{r['fp32_vs_chapter']:.3f} | {r['bf16']:.3f} | {r['bf16_vs_fp32']:.3f} | "
-            f"{r['seconds_fp32']:.0f}, {r['seconds_bf16']:.0f} |"
+            f"{per or '-'} | {r['seconds_fp32']:.0f}, {r['seconds_bf16']:.0f} |"
         )
     return "\n".join(lines) + "\n"
 

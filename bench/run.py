@@ -268,73 +268,84 @@ def ddp_scaling(args) -> dict:
 # ---------------------------------------------------------------- seed parity
 
 
+def _parity_pair(name: str, seed: int, epochs: int, tmp: Path) -> dict:
+    """fp32 and bf16 of one config and seed run side by side (1 thread each): amp ->
+    (final epoch's training perplexity, epochs, seconds)."""
+    procs = {}
+    for amp in ("off", "bf16"):
+        run_dir = tmp / f"{name}_{seed}_{amp}"
+        cmd = [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "train",
+            "--config",
+            f"configs/{name}.yaml",
+            f"run.dir={run_dir}",
+            "train.resume=never",
+            "run.overwrite=true",
+            f"train.epochs={epochs}",
+            f"train.amp={amp}",
+            f"train.seed={seed}",
+            "train.threads=1",
+            "logging.progress=off",
+            "generate.prefixes=[]",
+        ]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        log = open(f"{run_dir}.log", "w")  # a file, not a pipe: polling cannot block
+        procs[amp] = (
+            subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT),
+            run_dir,
+            time.perf_counter(),
+        )
+        log.close()
+    ppl, ended = {}, {}
+    while len(ended) < len(procs):  # poll, so each run's own duration is recorded
+        for amp, (proc, _, t0) in procs.items():
+            if amp not in ended and proc.poll() is not None:
+                ended[amp] = time.perf_counter() - t0
+        time.sleep(0.2)
+    for amp, (proc, run_dir, _) in procs.items():
+        text = Path(f"{run_dir}.log").read_text(errors="replace")
+        if proc.returncode:
+            raise RuntimeError(f"{name} amp={amp} seed={seed} failed:\n{text[-3000:]}")
+        events = [e for e in read_jsonl(run_dir / "metrics.jsonl") if "train/perplexity" in e]
+        ppl[amp] = (events[-1]["train/perplexity"], events[-1]["epoch"], ended[amp])
+    return ppl
+
+
 def parity(args) -> dict:
-    """Both precisions of one config run side by side (1 thread each); final epoch's training
-    perplexity from metrics.jsonl."""
+    """Per config and seed, fp32 and bf16 side by side; means over the seeds."""
     epochs = args.parity_epochs
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in CHAPTER_PPL:
-            procs = {}
-            for amp in ("off", "bf16"):
-                run_dir = Path(tmp) / f"{name}_{amp}"
-                cmd = [
-                    sys.executable,
-                    "-m",
-                    "pipeline",
-                    "train",
-                    "--config",
-                    f"configs/{name}.yaml",
-                    f"run.dir={run_dir}",
-                    "train.resume=never",
-                    "run.overwrite=true",
-                    f"train.epochs={epochs}",
-                    f"train.amp={amp}",
-                    "train.threads=1",
-                    "logging.progress=off",
-                    "generate.prefixes=[]",
-                ]
-                env = {**os.environ, "OMP_NUM_THREADS": "1"}
-                log = open(f"{run_dir}.log", "w")  # a file, not a pipe: polling cannot block
-                procs[amp] = (
-                    subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT),
-                    run_dir,
-                    time.perf_counter(),
-                )
-                log.close()
-            ppl, ended = {}, {}
-            while len(ended) < len(procs):  # poll, so each run's own duration is recorded
-                for amp, (proc, _, t0) in procs.items():
-                    if amp not in ended and proc.poll() is not None:
-                        ended[amp] = time.perf_counter() - t0
-                time.sleep(0.2)
-            for amp, (proc, run_dir, _) in procs.items():
-                text = Path(f"{run_dir}.log").read_text(errors="replace")
-                if proc.returncode:
-                    raise RuntimeError(f"{name} amp={amp} failed:\n{text[-3000:]}")
-                events = [
-                    e for e in read_jsonl(run_dir / "metrics.jsonl") if "train/perplexity" in e
-                ]
-                ppl[amp] = (events[-1]["train/perplexity"], events[-1]["epoch"], ended[amp])
-            fp32, bf16 = ppl["off"][0], ppl["bf16"][0]
+            runs = {seed: _parity_pair(name, seed, epochs, Path(tmp)) for seed in args.parity_seeds}
+            fp32 = statistics.mean(r["off"][0] for r in runs.values())
+            bf16 = statistics.mean(r["bf16"][0] for r in runs.values())
             rows.append(
                 {
                     "config": name,
-                    "epochs": ppl["off"][1],
+                    "epochs": runs[args.parity_seeds[0]]["off"][1],
                     "chapter": CHAPTER_PPL[name],
                     "fp32": fp32,
                     "bf16": bf16,
                     "fp32_vs_chapter": fp32 / CHAPTER_PPL[name],
                     "bf16_vs_fp32": bf16 / fp32,
-                    "seconds_fp32": ppl["off"][2],
-                    "seconds_bf16": ppl["bf16"][2],
+                    "seconds_fp32": statistics.mean(r["off"][2] for r in runs.values()),
+                    "seconds_bf16": statistics.mean(r["bf16"][2] for r in runs.values()),
+                    "per_seed": [
+                        {"seed": seed, "fp32": r["off"][0], "bf16": r["bf16"][0]}
+                        for seed, r in runs.items()
+                    ],
                 }
             )
             print(
-                f"{name}: fp32 {fp32:.3f}, bf16 {bf16:.3f} (chapter {CHAPTER_PPL[name]})",
+                f"{name}: fp32 {fp32:.3f}, bf16 {bf16:.3f} (chapter {CHAPTER_PPL[name]}; "
+                f"seeds {args.parity_seeds})",
                 flush=True,
             )
-    return {"epochs": epochs, "threads_per_run": 1, "rows": rows}
+    return {"epochs": epochs, "threads_per_run": 1, "seeds": args.parity_seeds, "rows": rows}
 
 
 # ---------------------------------------------------------------- main
@@ -396,6 +407,12 @@ def main(argv=None) -> int:
         help="streams per rank, comma-separated (32 = the chapter's batch on each rank)",
     )
     ap.add_argument("--parity-epochs", type=int, default=250)
+    ap.add_argument(
+        "--parity-seeds",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=[0],
+        help="train.seed values, comma-separated; the table shows means over them",
+    )
     ap.add_argument("--results", help="default bench/results.json (--quick: bench/out/)")
     ap.add_argument("--docs", help="default docs/benchmarks.md (--quick: bench/out/)")
     args = ap.parse_args(argv)
