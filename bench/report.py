@@ -64,8 +64,8 @@ def _parity(sec: dict) -> str:
         _machine(sec),
         f"Training perplexity at epoch {sec['epochs']} (`train/perplexity` of the last "
         "epoch in metrics.jsonl; each precision of a config run side by side, 1 thread "
-        f"each; mean over train.seed {', '.join(map(str, seeds))}). Targets: within 10% of "
-        "the chapter's code run here, bf16 within 5% of fp32.\n\n",
+        f"each; mean over train.seed {', '.join(map(str, seeds))}). `chapter` is the perplexity "
+        "the chapter prints. Targets: within 10% of it, bf16 within 5% of fp32.\n\n",
         "| config | chapter | fp32 | fp32 / chapter | bf16 | bf16 / fp32 | bf16 / fp32 per seed "
         "| s (fp32, bf16) |",
         "|---|---:|---:|---:|---:|---:|---|---:|",
