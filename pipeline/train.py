@@ -44,12 +44,15 @@ class Preempted(Exception):
 # ---------------------------------------------------------------- optimisation pieces
 
 
-def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(cfg, model: torch.nn.Module, amp_mode: str = "off") -> torch.optim.Optimizer:
+    """fp16 takes the fused kernels: GradScaler then hands them found_inf on the device
+    (the step is skipped inside the kernel) instead of reading it with .item() every step."""
     params = list(model.parameters())
+    fused = {"fused": True} if amp_mode == "fp16" else {}
     if cfg.optimizer == "sgd":  # the chapter's d2l.sgd: p -= lr * grad
-        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
     cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
-    return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, **fused)
 
 
 def lr_at(cfg, step: int, total_steps: int) -> float:
@@ -296,7 +299,10 @@ def _resume(found, cfg, cfg_dict, vocab, model, optimizer, amp, streams, ctx, lo
     tcfg = cfg.train
     ckpt.check_compatible(saved, cfg_dict, vocab.to_list(), path)
     model.load_state_dict(saved["model"])
+    fused = [group.get("fused") for group in optimizer.param_groups]
     optimizer.load_state_dict(saved["optimizer"])
+    for group, f in zip(optimizer.param_groups, fused):  # kernels follow THIS run's amp mode
+        group["fused"] = f
     if saved["scaler"]:
         amp.scaler.load_state_dict(saved["scaler"])
     pos = Position(
@@ -370,8 +376,8 @@ def _train(cfg: Config, ctx: dist.DistContext) -> dict:
     # Model, optimizer, AMP; then any checkpoint; DDP wraps the model only after loading.
     torch.manual_seed(tcfg.seed)
     model = build_model(cfg.model, len(vocab)).to(ctx.device)
-    optimizer = build_optimizer(tcfg, model)
     amp = Amp(tcfg.amp, ctx.device)
+    optimizer = build_optimizer(tcfg, model, amp.mode)
     if ctx.is_main and tcfg.resume == "never" and cfg.run.overwrite:
         for p in ckpt.candidates(run_dir) + [ckpt.checkpoint_dir(run_dir) / "best.pt"]:
             p.unlink(missing_ok=True)

@@ -200,3 +200,17 @@ def test_other_cosine_length_is_said(tmp_path, capsys):
         "cosine LR schedule spanned 3 steps in the checkpoint and spans 5 now"
         in capsys.readouterr().out
     )
+
+
+@pytest.mark.parametrize("first,then", [("off", "fp16"), ("fp16", "off")])
+def test_resume_under_another_amp_mode(tmp_path, first, then):
+    """fp16 runs take fused optimizer kernels; a checkpoint of either kind resumes under the
+    other (the saved param groups must not carry the other run's kernel choice along)."""
+    case = CASES["consecutive"]
+    assert train(tmp_path, *case, f"train.amp={first}", f"train.max_steps={k}") == 0
+    assert train(tmp_path, *case, f"train.amp={then}", "train.max_steps=40") == 0
+    state = load_ckpt(tmp_path)
+    assert state["step"] == 40
+    assert all(torch.isfinite(p).all() for p in state["model"].values())
+    fused = {g.get("fused") for g in state["optimizer"]["param_groups"]}
+    assert fused == ({True} if then == "fp16" else {None})
