@@ -2,7 +2,8 @@
 # Clean exits: N back-to-back 2-rank torchrun runs (default 20) of a small training job with
 # validation and checkpoints; prints how many exited 0. Guards against the gloo crash at exit
 # ("terminate called without an active exception", SIGABRT in about 1 run in 8 when the DDP
-# model outlives destroy_process_group; see ../shared/notes/distributed-facts.md).
+# model outlives destroy_process_group; see ../shared/notes/distributed-facts.md; ranks now
+# also skip the interpreter teardown, see pipeline.dist.leave).
 #   bench/clean_exits.sh [N]        # TORCHRUN defaults to .venv/bin/torchrun
 # Exit status 0 only if every run exited 0.
 set -uo pipefail

@@ -200,5 +200,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _entry() -> None:
+    """`python -m pipeline`: a traceback for a bug, then an exit that survives gloo's teardown."""
+    try:
+        code = main()
+    except Exception:
+        if "pipeline.dist" not in sys.modules:
+            raise
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    dist = sys.modules.get("pipeline.dist")
+    if dist is None:
+        sys.exit(code)
+    dist.leave(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _entry()

@@ -306,3 +306,40 @@ def test_rank_dying_at_startup_stops_the_job(tmp_path):
     )
     _assert_fails_fast(proc, started, "simulated crash at start-up")
     assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+
+
+LEAVE = """\
+import atexit, sys
+from pipeline import dist
+
+class Finalized:
+    def __del__(self):
+        print("interpreter teardown ran", flush=True)
+
+KEEP = Finalized()  # a module global: freed only by the interpreter's teardown
+atexit.register(lambda: print("exit handler ran"))
+dist._group_started = sys.argv[1] == "group"
+print("buffered line")  # a pipe: block-buffered, lost unless flushed
+dist.leave(75)
+"""
+
+
+@pytest.mark.parametrize("group", [True, False])
+def test_leave_after_a_group_skips_the_teardown(tmp_path, group):
+    """After a process group the trainer ends without the interpreter's teardown (where gloo
+    can abort a finished rank), yet keeps its exit code, exit handlers and buffered output.
+    Without a group it is an ordinary exit."""
+    script = tmp_path / "leave.py"
+    script.write_text(LEAVE)
+    arg = "group" if group else "plain"
+    proc = subprocess.run(
+        [sys.executable, str(script), arg],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=sub_env(PYTHONPATH=str(ROOT)),
+    )
+    assert proc.returncode == 75, proc.stderr
+    assert "buffered line" in proc.stdout and "exit handler ran" in proc.stdout
+    assert ("interpreter teardown ran" in proc.stdout) is not group, proc.stdout
