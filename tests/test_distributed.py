@@ -343,3 +343,28 @@ def test_leave_after_a_group_skips_the_teardown(tmp_path, group):
     assert proc.returncode == 75, proc.stderr
     assert "buffered line" in proc.stdout and "exit handler ran" in proc.stdout
     assert ("interpreter teardown ran" in proc.stdout) is not group, proc.stdout
+
+
+TEARDOWN_PROBE = """\
+import os
+
+class _Probe:  # freed only by the interpreter's teardown; speaks in torchrun's workers only
+    def __del__(self):
+        if "LOCAL_RANK" in os.environ:
+            print(f"teardown ran in rank {os.environ['RANK']}", flush=True)
+
+_probe = _Probe()
+"""
+
+
+def test_torchrun_ranks_leave_without_the_teardown(tmp_path):
+    """`torchrun -m pipeline train` ends its ranks through dist.leave: exit status 0, the
+    final log line out, and no rank runs the interpreter's teardown."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(TEARDOWN_PROBE)
+    args = ["train", *overrides("rnn_scratch", "consecutive"), f"run.dir={tmp_path / 'run'}"]
+    proc = torchrun(2, args, env=sub_env(PYTHONPATH=str(site)))
+    out = proc.stdout + proc.stderr
+    assert f"step {STEPS_PER_EPOCH * EPOCHS} epoch {EPOCHS}:" in out, out
+    assert "teardown ran" not in out, out
