@@ -45,7 +45,6 @@ from pipeline.train import build_optimizer, lr_at, train_step  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results.json"
 DOCS = ROOT / "docs" / "benchmarks.md"
-CEILING_FP32 = 100_000  # tokens/s: ~2 MFLOP/token at ~200 GFLOP/s (see docs/benchmarks.md)
 CHAPTER_PPL = {"seed_scratch_random": 1.32, "seed_scratch_consecutive": 1.18, "seed_concise": 1.03}
 
 
@@ -172,7 +171,6 @@ def throughput(args) -> dict:
             "tokens_per_cpu_s": med_c[n],
             "ratio_vs_seed": med_w[n] / med_w[seed],
             "cpu_ratio_vs_seed": med_c[n] / med_c[seed],
-            "fraction_of_fp32_ceiling": med_w[n] / CEILING_FP32,
             "rounds_tokens_per_s": wall[n],
         }
         for n in runners

@@ -27,7 +27,8 @@ def perplexity(loss: float) -> float:
 
 class TrainAccumulator:
     """Sums kept on the device between log intervals (no host sync or host-to-device copy
-    per step); token and step counts are known on the host."""
+    per step); token and step counts are known on the host and alike on every rank (each
+    trains batch_size / world_size streams of num_steps)."""
 
     def __init__(self, device: torch.device):
         # loss*tokens, grad-norm sum (finite steps), clipped steps, skipped (non-finite) steps
@@ -51,22 +52,21 @@ class TrainAccumulator:
         self.steps += 1
 
     def reduce(self, world_size: int) -> dict:
-        """Collective: every rank calls it at the same step."""
-        counts = torch.tensor(
-            [self.tokens, self.steps], dtype=torch.float64, device=self.sums.device
-        )
-        sums = dist.all_reduce_sum(torch.cat([self.sums, counts])).tolist()
-        loss_tok, norm, clipped, skipped, tokens, steps = sums
-        steps_per_rank = steps / world_size
+        """Collective: every rank calls it at the same step. The norm and the skip are the
+        same on every rank (clipping sees the all-reduced gradients), so their sums are
+        divided by the world size."""
+        loss_tok, norm, clipped, skipped = dist.all_reduce_sum(self.sums).tolist()
+        tokens, steps = self.tokens * world_size, self.steps
+        norm, clipped, skipped = norm / world_size, clipped / world_size, skipped / world_size
         elapsed = time.perf_counter() - self.t0
         loss = loss_tok / max(tokens, 1)
         out = {
             "train/loss": loss,
             "train/perplexity": perplexity(loss),
             "train/bpc": loss / LN2,
-            "opt/grad_norm": norm / world_size / max(steps_per_rank - skipped / world_size, 1),
+            "opt/grad_norm": norm / max(steps - skipped, 1),
             "opt/clipped": clipped / max(steps, 1),
-            "amp/skipped_steps": skipped / world_size,
+            "amp/skipped_steps": skipped,
             "perf/tokens_per_s": tokens / max(elapsed, 1e-9),
             "_tokens": tokens,
         }
