@@ -60,36 +60,26 @@ def _under_torchrun(args) -> bool:
     subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True)
     if args.cmd == "phases":  # and the 1-rank baseline, in-process
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
         phases(args)
     return True
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def allreduce(args) -> None:
     if _under_torchrun(args):
         return
-    import torch.distributed as dist
+    from pipeline import dist
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    ctx = dist.init("cpu", 1)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         t = torch.randn(N_GRAD).to(dtype)
         for _ in range(3):
-            dist.all_reduce(t)
+            dist.all_reduce_sum(t)
         dist.barrier()
-        seconds = _timed(lambda t=t: [dist.all_reduce(t) for _ in range(20)]) / 20
-        if dist.get_rank() == 0:
+        seconds = _timed(lambda t=t: [dist.all_reduce_sum(t) for _ in range(20)]) / 20
+        if ctx.is_main:
             mb = N_GRAD * t.element_size() / 1e6
             print(f"{dtype}: {seconds * 1e3:.2f} ms per all_reduce of {mb:.1f} MB")
-    dist.destroy_process_group()
+    dist.shutdown()
 
 
 def pair(args) -> None:
@@ -178,6 +168,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="pair")
     args = ap.parse_args()
     {"gemm": gemm, "allreduce": allreduce, "pair": pair, "phases": phases}[args.cmd](args)
+    if "pipeline.dist" in sys.modules:  # a torchrun worker ends like the trainer's ranks
+        sys.modules["pipeline.dist"].leave(0)
 
 
 if __name__ == "__main__":

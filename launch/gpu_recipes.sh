@@ -7,16 +7,21 @@
 #   OVERRIDES_poetry="train.epochs=1" launch/gpu_recipes.sh poetry
 #
 # Each recipe starts FRESH in $RUNS/<name> (train.resume=never, run.overwrite=true: an earlier
-# run in that folder is replaced). Environment: NPROC (ranks; default the number of GPUs),
+# run in that folder is replaced). Environment: PY (default .venv/bin/python, else python3),
+# DEVICE (train.device and the eval device; default cuda, so a CPU-only torch fails at once
+# instead of training on the CPU), NPROC (ranks; default the number of GPUs),
 # PIPELINE_DATA_DIR (the dataset folders), RUNS (run folders; default runs/gpu_recipes),
 # OUT (summaries, metrics.jsonl copies and the log; default runs/gpu_recipes),
-# OVERRIDES_<name> (extra config overrides for that recipe; other characters of the name
-# than letters, digits and _ become _). Exit status: 0 when every recipe trained, was
-# evaluated and summarised.
+# OVERRIDES_<name> (extra config overrides for that recipe, split on whitespace; other
+# characters of the name than letters, digits and _ become _). Exit status: 0 when every
+# recipe trained, was evaluated and summarised.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=${PY:-python3}
-[ -x .venv/bin/python ] && [ "$PY" = python3 ] && PY=.venv/bin/python
+if [ -z "${PY:-}" ]; then
+  PY=python3
+  [ -x .venv/bin/python ] && PY=.venv/bin/python
+fi
+DEVICE=${DEVICE:-cuda}
 TORCHRUN=$(dirname "$(command -v "$PY")")/torchrun
 [ -x "$TORCHRUN" ] || TORCHRUN="$PY -m torch.distributed.run"
 NPROC=${NPROC:-$("$PY" -c "import torch; print(max(torch.cuda.device_count(), 1))")}
@@ -37,22 +42,22 @@ for name in "$@"; do
   echo "=== $name: $NPROC rank(s), $cfg ${extra[*]:-} ($(date +%T))"
   if ! $TORCHRUN --standalone --nproc_per_node="$NPROC" -m pipeline train --config "$cfg" \
     train.resume=never run.overwrite=true "run.dir=$run_dir" logging.progress=lines \
-    "${extra[@]}"; then
+    "train.device=$DEVICE" "${extra[@]}"; then
     echo "FAIL: $name training"; FAIL=1; continue
   fi
   evaluated=1
   for split in validation test; do
     "$PY" -m pipeline eval --checkpoint "$run_dir/checkpoints/best.pt" --split "$split" \
-      >"$OUT/${name}_$split.json" || { echo "FAIL: $name eval $split"; FAIL=1; evaluated=0; }
+      --device "$DEVICE" >"$OUT/${name}_$split.json" || { echo "FAIL: $name eval $split"; FAIL=1; evaluated=0; }
   done
-  cp "$run_dir/metrics.jsonl" "$OUT/${name}_metrics.jsonl" || FAIL=1
+  cp "$run_dir/metrics.jsonl" "$OUT/${name}_metrics.jsonl" || { echo "FAIL: $name metrics"; FAIL=1; }
   [ $evaluated = 1 ] || continue
   "$PY" - "$OUT" "$name" <<'EOF' || { echo "FAIL: $name summary"; FAIL=1; }
-import json, sys
+import json, statistics, sys
 out, name = sys.argv[1:]
 ev = [json.loads(line) for line in open(f"{out}/{name}_metrics.jsonl")]
 tr = [e for e in ev if "perf/tokens_per_s" in e]
-tps = sorted(e["perf/tokens_per_s"] for e in tr[1:] or tr)[len(tr[1:] or tr) // 2]
+tps = statistics.median(e["perf/tokens_per_s"] for e in tr[1:] or tr)  # 1st holds warm-up
 split = {s: json.loads(open(f"{out}/{name}_{s}.json").read().splitlines()[-1]) for s in
          ("validation", "test")}
 last = tr[-1]

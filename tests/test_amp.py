@@ -272,5 +272,7 @@ def test_hot_loop_reads_values_only_at_log_intervals(tmp_path, monkeypatch, amp)
         ],
     )
     run(cfg)
-    # per log interval: the metrics reduce, fp16's scale; plus the final save's scaler state
-    assert 0 < len(reads) <= 3 * 3, reads
+    # 3 log intervals, one read each (the metrics reduce); fp16 also reads its scale per
+    # interval and the final save reads the scaler state
+    limit = 3 * 3 if amp == "fp16" else 3
+    assert 0 < len(reads) <= limit, reads

@@ -354,6 +354,8 @@ class _Probe:  # freed only by the interpreter's teardown; speaks in torchrun's 
             print(f"teardown ran in rank {os.environ['RANK']}", flush=True)
 
 _probe = _Probe()
+if "LOCAL_RANK" in os.environ:
+    print(f"probe loaded in rank {os.environ['RANK']}", flush=True)
 """
 
 
@@ -367,4 +369,5 @@ def test_torchrun_ranks_leave_without_the_teardown(tmp_path):
     proc = torchrun(2, args, env=sub_env(PYTHONPATH=str(site)))
     out = proc.stdout + proc.stderr
     assert f"step {STEPS_PER_EPOCH * EPOCHS} epoch {EPOCHS}:" in out, out
+    assert "probe loaded in rank 0" in out and "probe loaded in rank 1" in out, out
     assert "teardown ran" not in out, out

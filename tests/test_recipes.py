@@ -146,14 +146,15 @@ def test_dropout_acts_in_training_only():
 
 
 def gpu_recipes(*names: str, **env) -> subprocess.CompletedProcess:
-    """launch/gpu_recipes.sh as a real process, this interpreter as its Python."""
+    """launch/gpu_recipes.sh as a real process on the CPU, this interpreter as its Python;
+    under `timeout -k` so that a hang takes torchrun's ranks down too."""
     return subprocess.run(
-        ["bash", "launch/gpu_recipes.sh", *names],
+        ["timeout", "-k", "10", "280", "bash", "launch/gpu_recipes.sh", *names],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=300,
-        env=sub_env(PY=sys.executable, NPROC=1, **env),
+        env=sub_env(PY=sys.executable, NPROC=1, DEVICE="cpu", **env),
     )
 
 
@@ -162,18 +163,21 @@ def test_gpu_recipes_script_trains_and_evaluates_best(tmp_path):
     `pipeline eval` of best.pt on validation and test; the validation loss it reports is the
     trainer's best validation loss (same streams, same checkpoint)."""
     tiny = (
-        "train.device=cpu train.amp=off model.hidden_size=32 model.embedding_size=32 "
+        "train.amp=off model.hidden_size=32 model.embedding_size=32 "
         "model.num_layers=1 train.batch_size=8 train.num_steps=16 train.max_steps=24 "
         "train.eval_every=8 train.checkpoint_every=8 train.log_every=4 "
         "generate.prefixes=[] logging.wandb.mode=disabled"
     )
     out = tmp_path / "out"
-    proc = gpu_recipes("songci", RUNS=tmp_path / "runs", OUT=out, OVERRIDES_songci=tiny)
+    proc = gpu_recipes(
+        "songci", RUNS=tmp_path / "runs", OUT=out, OVERRIDES_songci=tiny, HF_HOME=tmp_path / "hf"
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "ALL PASSED" in proc.stdout
     val = json.loads((out / "songci_validation.json").read_text().splitlines()[-1])
     test = json.loads((out / "songci_test.json").read_text().splitlines()[-1])
     assert val["split"] == "validation" and test["split"] == "test"
+    assert val["checkpoint"].endswith("checkpoints/best.pt"), val
     events = [json.loads(line) for line in open(out / "songci_metrics.jsonl")]
     best = min(e["val/loss"] for e in events if "val/loss" in e)
     assert val["loss"] == pytest.approx(best, rel=1e-5)
