@@ -170,8 +170,8 @@ class Variant:
         from pipeline.amp import Amp
         from pipeline.metrics import TrainAccumulator
         from pipeline.model import build_model
+        from pipeline.optim import build_optimizer
         from pipeline.streams import make_train_streams
-        from pipeline.train import build_optimizer
 
         self.t = tcfg
         self.streams = make_train_streams(
@@ -220,7 +220,8 @@ def bench_speed(work: Path, rounds: int, steps: int, threads: int, extra: list[s
     import torch
 
     from pipeline import config as config_mod
-    from pipeline.corpus import Corpus, load_corpus
+    from pipeline.corpus import load_corpus
+    from pipeline.data import Corpus
 
     torch.set_num_threads(threads)
     model = [

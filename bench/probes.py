@@ -111,8 +111,9 @@ def phases(args) -> None:
     from pipeline.amp import Amp
     from pipeline.corpus import load_corpus
     from pipeline.model import build_model, detach_state
+    from pipeline.optim import build_optimizer, clip_grad_global
     from pipeline.streams import make_train_streams
-    from pipeline.train import build_optimizer, clip_grad_global, lm_loss
+    from pipeline.train import lm_loss
 
     ctx = dist.init("cpu", 1)
     w = ctx.world_size

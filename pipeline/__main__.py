@@ -20,7 +20,7 @@ import sys
 def _user_errors():
     from .checkpoint import CheckpointError
     from .config import ConfigError
-    from .corpus import DataError
+    from .data import DataError
     from .generate import PrefixError
     from .vocab import VocabError
 
@@ -66,7 +66,7 @@ def cmd_generate(args) -> int:
                 args.prefix,
                 args.length,
                 args.temperature or 0.0,
-                args.top_k,
+                args.top_k or 0,
                 seed=seed,
                 device=args.device,
             )
@@ -79,7 +79,8 @@ def cmd_eval(args) -> int:
 
     from . import dist
     from .amp import Amp
-    from .corpus import DataError, load_corpus
+    from .corpus import load_corpus
+    from .data import DataError
     from .streams import EvalStreams
     from .train import evaluate
 
@@ -142,6 +143,19 @@ def cmd_compare(args) -> int:
     return compare(args.runs, args.plot)
 
 
+def positive(kind):
+    """An argparse type: a number of `kind` that must be > 0 (else exit status 2, naming it)."""
+
+    def parse(text: str):
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m pipeline",
@@ -158,23 +172,25 @@ def parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="continue a prefix with a trained model")
     g.add_argument("--checkpoint", required=True)
     g.add_argument("--prefix", required=True)
-    g.add_argument("--length", type=int, default=50)
+    g.add_argument("--length", type=positive(int), default=50)
     g.add_argument(
         "--temperature",
-        type=float,
+        type=positive(float),
         default=None,
         help="sample at this temperature (default: greedy, as the chapter)",
     )
-    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-k", type=positive(int), default=None, help="default: all characters")
     g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--num-samples", type=int, default=1)
+    g.add_argument("--num-samples", type=positive(int), default=1)
     g.add_argument("--device", default="cpu")
     g.set_defaults(fn=cmd_generate)
 
     e = sub.add_parser("eval", help="loss, perplexity and bits/char over a whole split")
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--split", default="validation")
-    e.add_argument("--batch-size", type=int, default=0)
+    e.add_argument(
+        "--batch-size", type=positive(int), default=None, help="default: the config's eval.batch_size"
+    )
     e.add_argument("--amp", default="off", choices=["off", "bf16", "fp16", "auto"])
     e.add_argument("--device", default="auto")
     e.set_defaults(fn=cmd_eval)

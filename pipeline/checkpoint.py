@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-FORMAT = 1
+# 2: per-layer RNN cells (format-1 stacked-cell weights are mapped on loading), no RNG state
+FORMAT = 2
 STEP_RE = re.compile(r"step_(\d+)\.pt$")
 # Keys whose change makes a checkpoint unusable for a run (named in the error).
 COMPATIBLE_KEYS = (
@@ -88,6 +89,11 @@ def load(path: str | Path, map_location="cpu") -> dict:
     if not isinstance(state, dict) or "model" not in state or "vocab" not in state:
         raise CheckpointError(
             f"checkpoint '{path}' is not a checkpoint of this pipeline (no 'model'/'vocab' entries)"
+        )
+    if state.get("format", 1) > FORMAT:
+        raise CheckpointError(
+            f"checkpoint '{path}' has format {state['format']}, written by a newer version of "
+            f"this pipeline (this one reads formats up to {FORMAT}); update the package"
         )
     return state
 

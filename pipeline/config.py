@@ -74,7 +74,9 @@ class ModelConfig:
     kind: str = "rnn_scratch"  # rnn_scratch | rnn | gru | lstm
     hidden_size: int = 256
     num_layers: int = 1
-    dropout: float = 0.0  # between stacked layers and before the output layer
+    dropout: float = 0.0  # on the embedding, between stacked layers, before the output layer
+    dropout_kind: str = "standard"  # standard (a mask per element and step) | locked (per stream)
+    weight_drop: float = 0.0  # DropConnect on the hidden-to-hidden weights (rnn/gru/lstm)
     embedding_size: int = 0  # input embedding width (rnn/gru/lstm); 0 means hidden_size
     tie_weights: bool = False  # share input embedding and output weights (needs equal widths)
     init_std: float = 0.01  # rnn_scratch: normal(0, init_std), as the chapter
@@ -95,6 +97,7 @@ class TrainConfig:
     schedule: str = "constant"  # constant | cosine (linear warmup, cosine decay to min_lr)
     warmup_steps: int = 0
     schedule_steps: int = 0  # steps the cosine spans; 0 = max_steps, else epochs x minibatches
+    time_budget: float = 0.0  # seconds of training; the LR schedule ends with them (0 = off)
     min_lr_ratio: float = 0.1
     clip: float = 0.01  # clip by global gradient norm (the chapter's theta); 0 disables
     amp: str = "off"  # off | bf16 | fp16 | auto
@@ -157,6 +160,7 @@ CHOICES = {
     "data.source": ("corpus", "text", "hf"),
     "data.newlines": ("keep", "space"),
     "model.kind": ("rnn_scratch", "rnn", "gru", "lstm"),
+    "model.dropout_kind": ("standard", "locked"),
     "train.sampling": ("consecutive", "random"),
     "train.optimizer": ("sgd", "adam", "adamw"),
     "train.schedule": ("constant", "cosine"),
@@ -194,6 +198,7 @@ NON_NEGATIVE = (
     "train.threads",
     "model.embedding_size",
     "train.schedule_steps",
+    "train.time_budget",
 )
 
 
@@ -262,8 +267,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}' must be >= 0, got {get(cfg, key)}")
     if not 0.0 <= cfg.data.valid_fraction < 1.0:
         raise ConfigError("config key 'data.valid_fraction' must be in [0, 1)")
-    if not 0.0 <= cfg.model.dropout < 1.0:
-        raise ConfigError("config key 'model.dropout' must be in [0, 1)")
+    for key in ("model.dropout", "model.weight_drop"):
+        if not 0.0 <= get(cfg, key) < 1.0:
+            raise ConfigError(f"config key '{key}' must be in [0, 1), got {get(cfg, key)}")
     if cfg.data.source in ("text", "hf") and not cfg.data.path:
         raise ConfigError(f"config key 'data.path' is required with data.source={cfg.data.source}")
     if len(cfg.train.betas) != 2:

@@ -8,7 +8,6 @@ a bad or truncated download never leaves a file behind.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 import tempfile
@@ -17,14 +16,9 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from .config import DataConfig
+from .data import Corpus, DataError, cache_dir, sha256_of
 from .vocab import Vocab
-
-
-class DataError(ValueError):
-    """Bad or missing input data (names the file and what is wrong)."""
 
 
 @dataclass(frozen=True)
@@ -44,29 +38,6 @@ BUILTIN = {
         member="jaychou_lyrics.txt",
     ),
 }
-
-
-@dataclass
-class Corpus:
-    """Token ids per split (1-D numpy arrays, possibly memory-mapped) and the vocabulary."""
-
-    vocab: Vocab
-    splits: dict[str, np.ndarray]
-
-
-def cache_dir(data: DataConfig | None = None) -> Path:
-    if data is not None and data.cache_dir:
-        return Path(data.cache_dir)
-    env = os.environ.get("PIPELINE_CACHE_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "lyrics-rnn"
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def download(url: str, dest: Path, sha256: str, progress: bool = True) -> Path:
@@ -188,7 +159,7 @@ def load_text_corpus(data: DataConfig) -> Corpus:
 def load_corpus(data: DataConfig, dist_ctx=None) -> Corpus:
     """The corpus named by the config, as ids per split."""
     if data.source == "hf":
-        from .hfdata import load_hf_corpus
+        from .hfdata import load_hf_corpus  # lazily: it imports `datasets`
 
         return load_hf_corpus(data, dist_ctx)
     return load_text_corpus(data)

@@ -44,6 +44,11 @@ def _env_int(name: str, default: int) -> int:
     return int(os.environ.get(name, default))
 
 
+def restart_count() -> int:
+    """How often torchrun's elastic agent has restarted this job's workers (0: first try)."""
+    return _env_int("TORCHELASTIC_RESTART_COUNT", 0)
+
+
 def pick_device(requested: str, local_rank: int) -> torch.device:
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
@@ -138,6 +143,16 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t
+
+
+def max_over_ranks(values: list[float]) -> list[float]:
+    """The largest of every rank's values, elementwise (a collective)."""
+    if not dist.is_initialized():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    return all_reduce_max(t).tolist()
 
 
 def barrier() -> None:

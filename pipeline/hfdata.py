@@ -33,7 +33,7 @@ import numpy as np
 
 from . import dist
 from .config import DataConfig
-from .corpus import Corpus, DataError, cache_dir, sha256_of
+from .data import Corpus, DataError, cache_dir, sha256_of
 from .vocab import UNK, Vocab
 
 FORMAT = 1  # bump when the layout or the tokenization rule changes: old folders are ignored
@@ -376,10 +376,9 @@ def load_hf_corpus(data: DataConfig, dist_ctx=None) -> Corpus:
     (errors travel with it, so every rank raises the same DataError instead of hanging)."""
     ctx = dist_ctx or dist.DistContext()
     result: tuple[str | None, str | None] = (None, None)
-    if ctx.local_rank == 0:
-        log = print if ctx.rank == 0 else (lambda *a, **k: None)
+    if ctx.local_rank == 0:  # one line per node that prepares: "reusing" or "built"
         try:
-            result = (str(prepare(data, log)), None)
+            result = (str(prepare(data, print)), None)
         except DataError as err:
             result = (None, str(err))
     # One all-gather doubles as the barrier; torchrun numbers a node's ranks contiguously,

@@ -120,6 +120,11 @@ class Progress:
                 f"{metrics['perf/tokens_per_s']:.0f} tokens/s"
             )
 
+    def set_total(self, total: int) -> None:
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.refresh()
+
     def write(self, line: str) -> None:
         if self.mode == "off":
             return
@@ -140,11 +145,14 @@ class RunLogger:
     after that checkpoint are logged again. metrics.jsonl is truncated to the step. wandb
     history cannot be truncated (offline runs are separate files joined at `wandb sync`;
     online, steps below the run's current step are dropped), so while periodic checkpoints
-    are on (`hold=True`), wandb events wait here until `commit()` is called just before
-    `checkpoints/last.pt` is written: wandb never holds a step that a resume would redo, and
-    the history of all attempts is strictly increasing without gaps or duplicates. Without
-    periodic checkpoints the only resume points are the final/preemption saves, after every
-    event, so events go straight through.
+    are on (`hold=True`), wandb events wait here until `commit()` is called right after
+    `checkpoints/last.pt` is written: a kill during the save leaves them unsent (the resume
+    redoes their steps), a kill between the save and the send loses them from wandb only
+    (the resumed run re-sends them from metrics.jsonl). Without periodic checkpoints the
+    only resume points are the final/preemption saves, after every event, so events go
+    straight through. An elastic restart that found no checkpoint (`keep_history=True`)
+    redoes the job from step 0 exactly as before: the history is kept and the steps it
+    already holds are not logged twice.
     """
 
     def __init__(
@@ -158,19 +166,25 @@ class RunLogger:
         resume_step: int,
         enabled: bool,
         hold: bool = False,
+        keep_history: bool = False,
     ):
         self.enabled = enabled
         self.wandb = None
         self.hold = hold
         self.pending: list[tuple[int, dict]] = []
         self.last: dict = {}
+        self.logged_through = 0  # steps the kept history already holds
         if not enabled:
             return
         self.path = Path(run_dir) / "metrics.jsonl"
-        truncate_jsonl(self.path, resume_step)
+        if keep_history and self.path.exists():
+            truncate_jsonl(self.path, math.inf)  # drops only a torn last line
+            self.logged_through = max((e["step"] for e in read_jsonl(self.path)), default=0)
+        else:
+            truncate_jsonl(self.path, resume_step)
         self.file = open(self.path, "a", encoding="utf-8")
         self._init_wandb(cfg, cfg_dict, world_size, device, run_id)
-        if self.wandb is not None and resume_step > 0:
+        if self.wandb is not None and max(resume_step, self.logged_through) > 0:
             self._replay(run_id)
 
     def _init_wandb(self, cfg, cfg_dict, world_size, device, run_id):
@@ -246,7 +260,7 @@ class RunLogger:
         return out
 
     def log(self, step: int, metrics: dict) -> None:
-        if not self.enabled:
+        if not self.enabled or step <= self.logged_through:
             return
         event = {"step": step, **{k: v for k, v in metrics.items() if not k.startswith("_")}}
         self.last.update(event)
@@ -267,7 +281,7 @@ class RunLogger:
             self.commit()
 
     def commit(self) -> None:
-        """Send held events to wandb; call right before writing a resumable checkpoint."""
+        """Send held events to wandb; call right after writing a resumable checkpoint."""
         if self.wandb is None or not self.pending:
             return
         last = len(self.pending) - 1

@@ -2,18 +2,23 @@
 
 Every model maps ids x_BT and a state (a tuple of (num_layers, B, H) tensors) to time-major
 logits_TBV and the new state. The state is passed in and returned, never stored in the
-module: DDP would otherwise broadcast it as a buffer, and each rank carries its own.
+module: DDP would otherwise broadcast it as a buffer, and each rank carries its own. In
+training mode `noise` (pipeline.noise.Noise: seed, global step, this rank's first global
+stream) decides every dropout and weight-drop mask.
 """
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from .config import ConfigError, ModelConfig
+from .noise import Noise
 
 State = tuple[torch.Tensor, ...]
 
@@ -82,7 +87,9 @@ class ScratchRNN(nn.Module):
     def init_state(self, batch_size: int, device: torch.device) -> State:
         return (torch.zeros(1, batch_size, self.hidden_size, device=device),)
 
-    def forward(self, x_BT: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+    def forward(
+        self, x_BT: torch.Tensor, state: State, noise: Noise | None = None
+    ) -> tuple[torch.Tensor, State]:
         dtype = compute_dtype(x_BT.device)
         xw_TBH = F.embedding(x_BT.t(), self.W_xh) + self.b_h  # == one_hot(x) @ W_xh + b_h
         h_TBH = TanhRecurrence.apply(xw_TBH.to(dtype), state[0][0].to(dtype), self.W_hh.to(dtype))
@@ -93,7 +100,13 @@ class ScratchRNN(nn.Module):
 
 class TorchRNN(nn.Module):
     """nn.RNN / nn.GRU / nn.LSTM over an input embedding (a learned lookup: the same function
-    as the chapter's one-hot input times a weight matrix, without the one-hot matrix)."""
+    as the chapter's one-hot input times a weight matrix, without the one-hot matrix).
+
+    One single-layer cell per layer, so that this module, not the kernel, draws the masks
+    between layers: dropout on the embedding, between layers and before the output layer
+    (sites 0..num_layers), and DropConnect on each layer's hidden-to-hidden weights, all from
+    `noise` (pipeline.noise): a pure function of (seed, step, site, global stream), so the
+    same stream gets the same mask whatever rank holds it."""
 
     CELLS = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
 
@@ -106,14 +119,17 @@ class TorchRNN(nn.Module):
         dropout: float = 0.0,
         embedding_size: int = 0,
         tie_weights: bool = False,
+        dropout_kind: str = "standard",
+        weight_drop: float = 0.0,
     ):
         super().__init__()
         emb = embedding_size or hidden_size
         self.kind, self.hidden_size, self.num_layers = kind, hidden_size, num_layers
+        self.dropout, self.locked, self.weight_drop = dropout, dropout_kind == "locked", weight_drop
         self.embedding = nn.Embedding(vocab_size, emb)
-        self.drop = nn.Dropout(dropout)
-        self.rnn = self.CELLS[kind](
-            emb, hidden_size, num_layers, dropout=dropout if num_layers > 1 else 0.0
+        cell = self.CELLS[kind]
+        self.rnn = nn.ModuleList(
+            cell(emb if i == 0 else hidden_size, hidden_size) for i in range(num_layers)
         )
         self.dense = nn.Linear(hidden_size, vocab_size)
         if tie_weights:
@@ -123,17 +139,54 @@ class TorchRNN(nn.Module):
                     f"({emb}) == model.hidden_size ({hidden_size})"
                 )
             self.dense.weight = self.embedding.weight
+        self.register_load_state_dict_pre_hook(_stacked_to_per_layer)
 
     def init_state(self, batch_size: int, device: torch.device) -> State:
         z = torch.zeros(self.num_layers, batch_size, self.hidden_size, device=device)
         return (z, z.clone()) if self.kind == "lstm" else (z,)
 
-    def forward(self, x_BT: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        e_TBE = self.drop(self.embedding(x_BT.t()))
-        h0 = state if self.kind == "lstm" else state[0]
-        out_TBH, hn = self.rnn(e_TBE, h0)
-        logits_TBV = self.dense(self.drop(out_TBH))
-        return logits_TBV, (tuple(hn) if self.kind == "lstm" else (hn,))
+    def forward(
+        self, x_BT: torch.Tensor, state: State, noise: Noise | None = None
+    ) -> tuple[torch.Tensor, State]:
+        if self.training and noise is None:  # outside the trainer: masks from torch's RNG
+            noise = Noise(int(torch.randint(2**62, ())), 0)
+        h_TBD = self._drop(self.embedding(x_BT.t()), 0, noise)
+        last = []
+        for i, cell in enumerate(self.rnn):
+            h0 = tuple(s[i : i + 1] for s in state)
+            h_TBD, hn = self._cell(cell, i, h_TBD, h0 if self.kind == "lstm" else h0[0], noise)
+            last.append(hn if self.kind == "lstm" else (hn,))
+            h_TBD = self._drop(h_TBD, i + 1, noise)
+        logits_TBV = self.dense(h_TBD)
+        return logits_TBV, tuple(torch.cat(parts) for parts in zip(*last))
+
+    def _drop(self, h_TBD: torch.Tensor, site: int, noise: Noise | None) -> torch.Tensor:
+        if not (self.training and self.dropout):
+            return h_TBD
+        mask = noise.dropout_mask(
+            site, self.dropout, h_TBD.shape, self.locked, h_TBD.device, h_TBD.dtype
+        )
+        return h_TBD * mask
+
+    def _cell(self, cell: nn.Module, i: int, h_TBD, h0, noise: Noise | None):
+        if not (self.training and self.weight_drop):
+            return cell(h_TBD, h0)
+        w = cell.weight_hh_l0
+        mask = noise.weight_mask(i, self.weight_drop, tuple(w.shape), w.device, w.dtype)
+        return functional_call(cell, {"weight_hh_l0": w * mask}, (h_TBD, h0))
+
+
+_STACKED_KEY = re.compile(r"^rnn\.((?:weight|bias)_(?:ih|hh))_l(\d+)$")
+
+
+def _stacked_to_per_layer(module, state_dict, prefix, *args) -> None:
+    """Checkpoints from before the per-layer cells hold one stacked nn.RNN/GRU/LSTM
+    (`rnn.weight_ih_l1`); the same weights are now `rnn.1.weight_ih_l0`."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        found = _STACKED_KEY.match(key[len(prefix) :])
+        if found:
+            name, layer = found.groups()
+            state_dict[f"{prefix}rnn.{layer}.{name}_l0"] = state_dict.pop(key)
 
 
 def build_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
@@ -143,6 +196,7 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
             for k, v in (
                 ("num_layers", cfg.num_layers),
                 ("dropout", cfg.dropout),
+                ("weight_drop", cfg.weight_drop),
                 ("embedding_size", cfg.embedding_size),
                 ("tie_weights", cfg.tie_weights),
             )
@@ -163,6 +217,8 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
         cfg.dropout,
         cfg.embedding_size,
         cfg.tie_weights,
+        cfg.dropout_kind,
+        cfg.weight_drop,
     )
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .corpus import DataError
+from .data import DataError
 
 IGNORE = -100  # target id that cross_entropy skips (padding of validation rows)
 
@@ -153,9 +153,11 @@ def eval_row_bounds(n_ids: int, batch_size: int) -> list[tuple[int, int]]:
 
 
 class EvalStreams:
-    """A whole split, as `batch_size` global rows read in consecutive chunks of `num_steps`
-    with the state carried; rank r evaluates rows [r*b, (r+1)*b). Rows are padded with
-    IGNORE targets, so the summed loss covers each target exactly once."""
+    """A whole split as `batch_size` GLOBAL rows, whatever the world size, read in
+    consecutive chunks of `num_steps` with the state carried. Rank r evaluates rows
+    [r*b, (r+1)*b), b = ceil(rows / W); slots past the last row are padding whose targets
+    are all IGNORE. So the summed loss covers each target exactly once, and the rows (hence
+    the loss, to float rounding) do not depend on W."""
 
     def __init__(
         self,
@@ -168,11 +170,10 @@ class EvalStreams:
     ):
         if len(ids) < 2:
             raise DataError(f"evaluation split has {len(ids)} characters; need at least 2")
-        batch_size = min(batch_size, len(ids) - 1)
-        batch_size = -(-batch_size // world_size) * world_size  # round up to a multiple of W
-        self.b = batch_size // world_size
-        bounds = eval_row_bounds(len(ids), batch_size)[rank * self.b : (rank + 1) * self.b]
-        width = max(1, -(-(len(ids) - 1) // batch_size))
+        rows = min(batch_size, len(ids) - 1)
+        self.b = -(-rows // world_size)
+        bounds = eval_row_bounds(len(ids), rows)[rank * self.b : (rank + 1) * self.b]
+        width = max(1, -(-(len(ids) - 1) // rows))
         x = np.zeros((self.b, width), dtype=np.int64)
         y = np.full((self.b, width), IGNORE, dtype=np.int64)
         for row, (start, length) in enumerate(bounds):

@@ -3,20 +3,21 @@
     python -m pipeline train --config configs/jaychou.yaml [key=value ...]
     torchrun --standalone --nproc_per_node=2 -m pipeline train --config configs/jaychou.yaml
 
-One step: minibatch of this rank's streams -> forward (autocast) -> mean cross-entropy ->
-backward (DDP all-reduces, i.e. averages, the gradients) -> unscale (fp16) -> clip by the
-global norm of the all-reduced gradients (identical on every rank) -> optimizer step.
+One step: minibatch of this rank's streams -> forward (autocast; dropout masks drawn from
+(seed, step, site, global stream)) -> mean cross-entropy -> backward (DDP all-reduces, i.e.
+averages, the gradients) -> unscale (fp16) -> clip by the global norm of the all-reduced
+gradients (identical on every rank) -> optimizer step.
 """
 
 from __future__ import annotations
 
+import json
 import math
-import signal
+import os
 import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -25,14 +26,18 @@ from . import checkpoint as ckpt
 from . import config as config_mod
 from . import dist
 from .amp import Amp
+from .budget import TimeBudget
 from .config import Config, ConfigError
 from .corpus import load_corpus
 from .generate import PrefixError, generate
 from .loss import cross_entropy
 from .metrics import LN2, Progress, RunLogger, TrainAccumulator, perplexity
-from .model import State, build_model, detach_state
+from .model import State, build_model
+from .noise import Noise
+from .optim import build_optimizer, clip_grad_global, lr_at, schedule_steps, warn_schedule_change
+from .state import TrainState, carried
+from .stopper import Stopper
 from .streams import IGNORE, EvalStreams, make_train_streams
-from .vocab import Vocab
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: saved after SIGTERM/SIGUSR1; launch/slurm.sbatch requeues
 
@@ -41,59 +46,7 @@ class Preempted(Exception):
     pass
 
 
-# ---------------------------------------------------------------- optimisation pieces
-
-
-def build_optimizer(cfg, model: torch.nn.Module, amp_mode: str = "off") -> torch.optim.Optimizer:
-    """fp16 takes the fused kernels: GradScaler then hands them found_inf on the device
-    (the step is skipped inside the kernel) instead of reading it with .item() every step."""
-    params = list(model.parameters())
-    fused = {"fused": True} if amp_mode == "fp16" else {}
-    if cfg.optimizer == "sgd":  # the chapter's d2l.sgd: p -= lr * grad
-        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
-    cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
-    return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, **fused)
-
-
-def lr_at(cfg, step: int, total_steps: int) -> float:
-    """Linear warmup, then constant or cosine decay to lr * min_lr_ratio; a pure function of
-    the step, so resuming needs no scheduler state."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant" or total_steps <= cfg.warmup_steps:
-        return cfg.lr
-    frac = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
-    return cfg.lr * (
-        cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
-    )
-
-
-def schedule_steps(tcfg, epoch_size: int) -> int:
-    """Steps the LR schedule spans: its own key, so that a run stopped by train.max_steps and
-    continued with a larger one can keep one cosine curve (set it to the final length)."""
-    return tcfg.schedule_steps or tcfg.max_steps or tcfg.epochs * epoch_size
-
-
-def warn_schedule_change(saved_train: dict, tcfg, epoch_size: int, log) -> None:
-    """Resuming under another cosine length changes the LR from here on: allowed, not silent."""
-    was = schedule_steps(SimpleNamespace(**{"schedule_steps": 0, **saved_train}), epoch_size)
-    now = schedule_steps(tcfg, epoch_size)
-    if tcfg.schedule == "cosine" and was != now:
-        log(
-            f"warning: the cosine LR schedule spanned {was} steps in the checkpoint and spans "
-            f"{now} now, so the learning rate differs from here on; set "
-            f"train.schedule_steps={was} to keep the saved schedule"
-        )
-
-
-def clip_grad_global(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """The chapter's rule g <- min(theta / ||g||, 1) g over all parameters; returns the
-    pre-clip global norm as a device tensor (no host sync)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    norm = torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads]))
-    if max_norm > 0:
-        torch._foreach_mul_(grads, torch.clamp(max_norm / norm, max=1.0).to(grads[0].dtype))
-    return norm
+# ---------------------------------------------------------------- one step, one evaluation
 
 
 def lm_loss(logits_TBV: torch.Tensor, y_BT: torch.Tensor, reduction: str = "mean"):
@@ -103,9 +56,11 @@ def lm_loss(logits_TBV: torch.Tensor, y_BT: torch.Tensor, reduction: str = "mean
     )
 
 
-def train_step(train_model, params, x_BT, y_BT, state: State, optimizer, amp: Amp, clip: float):
+def train_step(
+    train_model, params, x_BT, y_BT, state: State, optimizer, amp: Amp, clip: float, noise=None
+):
     with amp.autocast():
-        logits_TBV, state = train_model(x_BT, state)
+        logits_TBV, state = train_model(x_BT, state, noise)
     loss = lm_loss(logits_TBV, y_BT)
     optimizer.zero_grad(set_to_none=True)
     amp.scaler.scale(loss).backward()
@@ -133,121 +88,17 @@ def evaluate(model, streams: EvalStreams, amp: Amp, device) -> dict:
     return {"loss": loss, "perplexity": perplexity(loss), "bpc": loss / LN2, "tokens": count}
 
 
-# ---------------------------------------------------------------- stopping
-
-
-class Stopper:
-    """SIGTERM/SIGUSR1 (preemption) and the time limit, agreed on by all ranks."""
-
-    def __init__(self, time_limit: float, check_every: int, world_size: int):
-        self.signalled = False
-        self.deadline = time.monotonic() + time_limit if time_limit else math.inf
-        self.check_every = 1 if world_size == 1 else check_every
-        self.previous = {}
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            self.previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.signalled = True
-
-    def poll(self, step: int) -> tuple[bool, bool]:
-        """(preempted, out_of_time); a collective every `check_every` steps."""
-        if step % self.check_every:
-            return False, False
-        late = time.monotonic() > self.deadline
-        if not torch.distributed.is_initialized():  # nothing to agree on: no tensor per step
-            return self.signalled, late
-        flags = torch.tensor([self.signalled, late], dtype=torch.int32)
-        if torch.distributed.get_backend() == "nccl":
-            flags = flags.cuda()
-        preempt, late = dist.all_reduce_max(flags).tolist()
-        return bool(preempt), bool(late)
-
-    def restore(self):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
-# ---------------------------------------------------------------- state in checkpoints
-
-
-@dataclass
-class Position:
-    step: int = 0
-    epoch: int = 0
-    batch: int = 0  # next minibatch inside the epoch
-    train_time: float = 0.0  # seconds of training before this process started
-
-
-def training_state(
-    model, optimizer, amp, pos, hidden, vocab, cfg_dict, run_id, best_val, ctx, sampling
-) -> dict:
-    """Collective: gathers every rank's hidden state and dropout RNG."""
-    hidden_global = []
-    if sampling == "consecutive" and pos.batch > 0:
-        hidden_global = [dist.all_gather_cat(h.detach(), dim=1).cpu() for h in hidden]
-    rng = torch.get_rng_state()
-    rngs = dist.all_gather_cat(rng.to(ctx.device).unsqueeze(0), dim=0).cpu()
-    return {
-        "format": ckpt.FORMAT,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scaler": amp.scaler.state_dict(),
-        "step": pos.step,
-        "epoch": pos.epoch,
-        "batch_in_epoch": pos.batch,
-        "train_time": pos.train_time,
-        "hidden": hidden_global,
-        "rng_per_rank": rngs,
-        "world_size": ctx.world_size,
-        "vocab": vocab.to_list(),
-        "config": cfg_dict,
-        "wandb_run_id": run_id,
-        "best_val_loss": best_val,
-    }
-
-
-def restore_hidden(saved: list, ctx, b: int) -> State:
-    """Split the GLOBAL (layers, batch, hidden) state for this rank, whatever W saved it."""
-    lo = ctx.rank * b
-    return tuple(h[:, lo : lo + b].contiguous().to(ctx.device) for h in saved)
-
-
-def restore_rng(state: dict, ctx, seed: int) -> None:
-    rngs = state.get("rng_per_rank")
-    if rngs is not None and state.get("world_size") == ctx.world_size:
-        torch.set_rng_state(rngs[ctx.rank].clone())
-    else:  # resized: dropout masks cannot continue per rank; make them reproducible instead
-        torch.manual_seed(seed * 7919 + state["step"] * 104729 + ctx.rank)
-
-
-def resolve_resume(cfg: Config, run_dir: Path, log) -> tuple[Path, dict] | None:
-    mode = cfg.train.resume
-    if mode == "never":
-        existing = ckpt.candidates(run_dir) + [p for p in [run_dir / "metrics.jsonl"] if p.exists()]
-        if existing and not cfg.run.overwrite:
-            raise ConfigError(
-                f"run directory '{run_dir}' already holds a run "
-                f"({existing[0].name}); with train.resume=never set "
-                f"run.overwrite=true to replace it, or choose another run.dir"
-            )
-        return None
-    if mode == "auto":
-        return ckpt.load_latest_good(run_dir, warn=log)
-    return Path(mode), ckpt.load(mode)
-
-
-# ---------------------------------------------------------------- the run
+# ---------------------------------------------------------------- set-up
 
 
 def run(cfg: Config) -> dict:
     """Train on this process' rank. Returns the final metrics (rank 0's view = global)."""
     ctx = dist.init(cfg.train.device, cfg.train.threads)
     try:
-        return _train(cfg, ctx)
+        return Trainer(cfg, ctx).fit()
     except BaseException as err:
-        # The traceback keeps _train's frame alive, and with it the DDP model: drop it
-        # before the process group goes, or gloo may abort at interpreter exit.
+        # The traceback keeps the trainer's frames alive, and with them the DDP model: drop
+        # them before the process group goes, or gloo may abort at interpreter exit.
         traceback.clear_frames(err.__traceback__)
         raise
     finally:
@@ -283,259 +134,339 @@ def _data(cfg: Config, ctx: dist.DistContext):
     return corpus.vocab, streams, valid
 
 
-@dataclass
-class Resumed:
-    pos: Position
-    hidden: State | None = None
-    run_id: str = ""
-    best_val: float = math.inf
-
-
-def _resume(found, cfg, cfg_dict, vocab, model, optimizer, amp, streams, ctx, log) -> Resumed:
-    """Load a found checkpoint into model, optimizer and scaler; the position to go on from."""
-    if not found:
-        return Resumed(Position())
-    path, saved = found
-    tcfg = cfg.train
-    ckpt.check_compatible(saved, cfg_dict, vocab.to_list(), path)
-    model.load_state_dict(saved["model"])
-    fused = [group.get("fused") for group in optimizer.param_groups]
-    optimizer.load_state_dict(saved["optimizer"])
-    for group, f in zip(optimizer.param_groups, fused):  # kernels follow THIS run's amp mode
-        group["fused"] = f
-    if saved["scaler"]:
-        amp.scaler.load_state_dict(saved["scaler"])
-    pos = Position(
-        saved["step"], saved["epoch"], saved["batch_in_epoch"], saved.get("train_time", 0.0)
-    )
-    if pos.batch >= streams.epoch_size:  # data.* may change on resume; this cannot
-        raise ckpt.CheckpointError(
-            f"checkpoint '{path}' stopped after minibatch {pos.batch} of epoch {pos.epoch}, "
-            f"but the training data now gives {streams.epoch_size} minibatches an epoch: "
-            f"the corpus changed; use another run.dir or train.resume=never"
-        )
-    hidden = restore_hidden(saved["hidden"], ctx, streams.b) if saved["hidden"] else None
-    restore_rng(saved, ctx, tcfg.seed)
-    warn_schedule_change(saved["config"]["train"], tcfg, streams.epoch_size, log)
-    log(
-        f"resumed from '{path}' at step {pos.step} (epoch {pos.epoch}, "
-        f"minibatch {pos.batch}; saved with {saved.get('world_size')} ranks)"
-    )
-    return Resumed(pos, hidden, saved.get("wandb_run_id", ""), saved.get("best_val_loss", math.inf))
-
-
-def _samples(model, vocab: Vocab, cfg: Config, device, progress: Progress) -> list:
-    """The configured prefixes continued by the model (rank 0 only)."""
-    rows = []
-    for prefix in cfg.generate.prefixes:
-        try:
-            text = generate(
-                model,
-                vocab,
-                prefix,
-                cfg.generate.length,
-                cfg.generate.temperature,
-                cfg.generate.top_k,
-                seed=cfg.train.seed,
-                device=device,
+def resolve_resume(cfg: Config, run_dir: Path, log) -> tuple[Path, dict] | None:
+    mode = cfg.train.resume
+    if mode == "never":
+        existing = ckpt.candidates(run_dir) + [p for p in [run_dir / "metrics.jsonl"] if p.exists()]
+        if existing and not cfg.run.overwrite:
+            raise ConfigError(
+                f"run directory '{run_dir}' already holds a run "
+                f"({existing[0].name}); with train.resume=never set "
+                f"run.overwrite=true to replace it, or choose another run.dir"
             )
-        except PrefixError as err:
-            text = f"(skipped: {err})"
-        rows.append((prefix, text))
-        progress.write(f" - {text}")
-    return rows
+        return None
+    if mode == "auto":
+        return ckpt.load_latest_good(run_dir, warn=log)
+    return Path(mode), ckpt.load(mode)
 
 
-def due(every: int, step: int) -> bool:
-    """Whether a `*_every` interval (0 = never) ends at this step."""
-    return every > 0 and step % every == 0
+def run_id_for(state: TrainState, run_dir: Path, restarted: bool, is_main: bool) -> str:
+    """The wandb run of this job: the checkpoint's; after an elastic restart that found no
+    checkpoint, the one the first attempt wrote to run.dir/run.json; else WANDB_RUN_ID (set
+    by `wandb agent` for a sweep's trial) or a new one."""
+    path = run_dir / "run.json"
+    run_id = state.run_id
+    if not run_id and restarted and path.is_file():
+        run_id = json.loads(path.read_text(encoding="utf-8")).get("wandb_run_id", "")
+    if not run_id:
+        import secrets
+
+        run_id = os.environ.get("WANDB_RUN_ID") or secrets.token_hex(4)
+    run_id = dist.broadcast_object(run_id)
+    if is_main:
+        path.write_text(json.dumps({"wandb_run_id": run_id}) + "\n", encoding="utf-8")
+    return run_id
 
 
-def _interval_record(pos: Position, optimizer, amp: Amp, ctx, tokens_per_step: int) -> dict:
-    """Host-side values logged with each training interval (no device reads)."""
-    rec = {
-        "epoch": pos.epoch,
-        "opt/lr": optimizer.param_groups[0]["lr"],
-        "train/chars": pos.step * tokens_per_step,
-        "world_size": ctx.world_size,
-    }
-    if amp.mode == "fp16":
-        rec["amp/scale"] = amp.scaler.get_scale()
-    if ctx.device.type == "cuda":  # the allocator's counter: no device sync
-        rec["perf/gpu_peak_gib"] = torch.cuda.max_memory_allocated(ctx.device) / 2**30
-    return rec
+@dataclass
+class Every:
+    """A component's "when": every `steps` steps, else (steps = 0) at the end of every
+    `epochs`-th epoch; never when both are 0."""
+
+    steps: int
+    epochs: int = 0
+
+    def due(self, state: TrainState, end_of_epoch: bool) -> bool:
+        if self.steps:
+            return state.step % self.steps == 0
+        return end_of_epoch and self.epochs > 0 and state.epoch % self.epochs == 0
 
 
-def _train(cfg: Config, ctx: dist.DistContext) -> dict:
-    run_dir = Path(cfg.run.dir)
-    cfg_dict = config_mod.to_dict(cfg)
-    log = print if ctx.is_main else (lambda *a, **k: None)
-    tcfg = cfg.train
-    vocab, streams, valid = _data(cfg, ctx)
+# ---------------------------------------------------------------- the run
 
-    # Model, optimizer, AMP; then any checkpoint; DDP wraps the model only after loading.
-    torch.manual_seed(tcfg.seed)
-    model = build_model(cfg.model, len(vocab)).to(ctx.device)
-    amp = Amp(tcfg.amp, ctx.device)
-    optimizer = build_optimizer(tcfg, model, amp.mode)
-    if ctx.is_main and tcfg.resume == "never" and cfg.run.overwrite:
-        for p in ckpt.candidates(run_dir) + [ckpt.checkpoint_dir(run_dir) / "best.pt"]:
-            p.unlink(missing_ok=True)
-    dist.barrier()
-    found = resolve_resume(cfg, run_dir, log)
-    r = _resume(found, cfg, cfg_dict, vocab, model, optimizer, amp, streams, ctx, log)
-    del found
-    pos, hidden, best_val = r.pos, r.hidden, r.best_val
-    run_id = r.run_id or dist.broadcast_object(_new_run_id())
-    train_model = DDP(model) if ctx.distributed else model
-    if tcfg.compile:
-        train_model = torch.compile(train_model)
-    params = list(model.parameters())
 
-    total_steps = tcfg.max_steps or tcfg.epochs * streams.epoch_size
-    lr_steps = schedule_steps(tcfg, streams.epoch_size)
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(config_mod.dump(cfg), encoding="utf-8")
-    logger = RunLogger(
-        run_dir,
-        cfg,
-        cfg_dict,
-        ctx.world_size,
-        ctx.device,
-        run_id,
-        pos.step,
-        ctx.is_main,
-        hold=tcfg.checkpoint_every > 0,
-    )
-    progress = Progress(cfg.logging.progress if ctx.is_main else "off", total_steps, pos.step)
-    log(
-        f"{cfg.model.kind}: {sum(p.numel() for p in params):,} parameters, vocabulary "
-        f"{len(vocab)}, {streams.epoch_size} minibatches/epoch, world size {ctx.world_size}, "
-        f"device {ctx.device}, amp {amp.mode}"
-    )
+class Trainer:
+    """One rank's run: its parts, its TrainState, and the loop (`fit`)."""
 
-    def save(path_name: str, periodic: bool) -> None:
-        """Collective (gathers state); rank 0 writes; everyone waits for the file."""
-        state = training_state(
-            model,
-            optimizer,
-            amp,
-            pos,
-            hidden,
-            vocab,
-            cfg_dict,
-            run_id,
-            best_val,
-            ctx,
-            tcfg.sampling,
-        )
-        if ctx.is_main:
-            cdir = ckpt.checkpoint_dir(run_dir)
-            if periodic:
-                target = cdir / f"step_{pos.step:08d}.pt"
-                ckpt.save_atomic(state, target)
-                ckpt.link_atomic(target, cdir / "last.pt")
-                ckpt.prune(run_dir, tcfg.keep_checkpoints)
-            else:
-                ckpt.save_atomic(state, cdir / path_name)
+    def __init__(self, cfg: Config, ctx: dist.DistContext):
+        tcfg = cfg.train
+        self.cfg, self.ctx, self.run_dir = cfg, ctx, Path(cfg.run.dir)
+        self.cfg_dict = config_mod.to_dict(cfg)
+        self.log = print if ctx.is_main else (lambda *a, **k: None)
+        self.vocab, self.streams, self.valid = _data(cfg, ctx)
+        torch.manual_seed(tcfg.seed)  # the initial parameters: alike on every rank
+        self.model = build_model(cfg.model, len(self.vocab)).to(ctx.device)
+        self.params = list(self.model.parameters())
+        self.amp = Amp(tcfg.amp, ctx.device)
+        self.optimizer = build_optimizer(tcfg, self.model, self.amp.mode)
+        self.state = self._resume()
+        self.train_model = DDP(self.model) if ctx.distributed else self.model  # after loading
+        if tcfg.compile:
+            self.train_model = torch.compile(self.train_model)
+        self.first_stream = ctx.rank * self.streams.b  # global index of this rank's row 0
+        self.total_steps = tcfg.max_steps or tcfg.epochs * self.streams.epoch_size
+        self.lr_steps = schedule_steps(tcfg, self.streams.epoch_size)
+        self.log_when = Every(tcfg.log_every, 1)
+        self.eval_when = Every(tcfg.eval_every, tcfg.eval_every_epochs)
+        self.save_when = Every(tcfg.checkpoint_every)
+        seconds = 0 if tcfg.schedule_steps else tcfg.time_budget  # a horizon given: no budget
+        self.budget = TimeBudget(seconds, self.state.step, tcfg.warmup_steps)
+        self.last_save_s = 0.0
+        self.val_step = -1
+        self._open_run_dir()
+        self.last_train: dict = {}
+        self.last_val: dict = {}
+
+    def _resume(self) -> TrainState:
+        """Load the checkpoint to go on from (if any) into model, optimizer and scaler."""
+        tcfg, run_dir = self.cfg.train, self.run_dir
+        if self.ctx.is_main and tcfg.resume == "never" and self.cfg.run.overwrite:
+            for p in ckpt.candidates(run_dir) + [ckpt.checkpoint_dir(run_dir) / "best.pt"]:
+                p.unlink(missing_ok=True)
         dist.barrier()
+        found = resolve_resume(self.cfg, run_dir, self.log)
+        if not found:
+            return TrainState()
+        path, saved = found
+        ckpt.check_compatible(saved, self.cfg_dict, self.vocab.to_list(), path)
+        self.model.load_state_dict(saved["model"])
+        fused = [group.get("fused") for group in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(saved["optimizer"])
+        for group, f in zip(self.optimizer.param_groups, fused):  # THIS run's amp mode's kernels
+            group["fused"] = f
+        if saved["scaler"]:
+            self.amp.scaler.load_state_dict(saved["scaler"])
+        state = TrainState.from_checkpoint(saved, self.ctx.rank, self.streams.b, self.ctx.device)
+        if state.batch >= self.streams.epoch_size:  # data.* may change on resume; this cannot
+            raise ckpt.CheckpointError(
+                f"checkpoint '{path}' stopped after minibatch {state.batch} of epoch "
+                f"{state.epoch}, but the training data now gives {self.streams.epoch_size} "
+                f"minibatches an epoch: the corpus changed; use another run.dir or "
+                f"train.resume=never"
+            )
+        resolved = saved["config"]["train"].get("schedule_steps", 0)
+        if tcfg.time_budget and not tcfg.schedule_steps and resolved:
+            tcfg.schedule_steps = resolved  # the budget's horizon, fixed before the stop
+            self.cfg_dict = config_mod.to_dict(self.cfg)
+        warn_schedule_change(saved["config"]["train"], tcfg, self.streams.epoch_size, self.log)
+        self.log(
+            f"resumed from '{path}' at step {state.step} (epoch {state.epoch}, "
+            f"minibatch {state.batch}; saved with {saved.get('world_size')} ranks)"
+        )
+        return state
 
-    def elapsed() -> float:
+    def _open_run_dir(self) -> None:
+        """config.yaml, run.json, the metrics sinks and the progress display."""
+        cfg, ctx, s = self.cfg, self.ctx, self.state
+        if ctx.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(config_mod.dump(cfg), encoding="utf-8")
+        restarted = dist.restart_count() > 0
+        s.run_id = run_id_for(s, self.run_dir, restarted, ctx.is_main)
+        self.logger = RunLogger(
+            self.run_dir,
+            cfg,
+            self.cfg_dict,
+            ctx.world_size,
+            ctx.device,
+            s.run_id,
+            s.step,
+            ctx.is_main,
+            hold=cfg.train.checkpoint_every > 0,
+            keep_history=restarted and s.step == 0,
+        )
+        self.progress = Progress(
+            cfg.logging.progress if ctx.is_main else "off", self.total_steps, s.step
+        )
+        self.log(
+            f"{cfg.model.kind}: {sum(p.numel() for p in self.params):,} parameters, "
+            f"vocabulary {len(self.vocab)}, {self.streams.epoch_size} minibatches/epoch, "
+            f"world size {ctx.world_size}, device {ctx.device}, amp {self.amp.mode}"
+        )
+
+    # ------------------------------------------------------------ the loop
+
+    def fit(self) -> dict:
+        s, tcfg, streams = self.state, self.cfg.train, self.streams
+        stopper = Stopper(tcfg.time_limit, tcfg.signal_check_every, self.ctx.world_size)
+        acc = TrainAccumulator(self.ctx.device)
+        random = tcfg.sampling == "random"
+        self.started = time.monotonic()
+        reason = "" if s.step < self.total_steps and s.epoch < tcfg.epochs else "done"
+        try:
+            while not reason:
+                began = time.monotonic()
+                x_BT, y_BT = streams.batch(s.epoch, s.batch)
+                hidden = carried(s, self.model, streams.b, random, self.ctx.device)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr_at(tcfg, s.step, self.lr_steps)
+                noise = Noise(tcfg.seed, s.step, self.first_stream)
+                loss, norm, s.hidden = train_step(
+                    self.train_model, self.params, x_BT, y_BT, hidden, self.optimizer,
+                    self.amp, tcfg.clip, noise,
+                )  # fmt: skip
+                acc.add(loss, x_BT.numel(), norm, tcfg.clip)
+                end_of_epoch = s.advance(streams.epoch_size)
+                done = s.step >= self.total_steps or s.epoch >= tcfg.epochs
+                reason = stopper.poll(s.step) or ("done" if done else "")
+                self.budget.count(s.step, time.monotonic() - began)
+
+                if not reason and self.budget.due(s.step):
+                    self.spend_budget()
+                if reason or self.log_when.due(s, end_of_epoch):
+                    self.log_train(acc)
+                if reason != "preempted" and (reason or self.eval_when.due(s, end_of_epoch)):
+                    self.validate()
+                periodic = self.save_when.due(s, end_of_epoch)
+                if reason or periodic:
+                    self.save(None if periodic else "last.pt")
+                    self.logger.commit()  # wandb gets the events up to this resumable point
+        finally:
+            stopper.restore()
+            self.progress.close()
+        return self.finish(reason)
+
+    # ------------------------------------------------------------ what the loop calls
+
+    def elapsed(self) -> float:
         """Seconds of training up to now, across resumes (for wall-time plots)."""
-        return pos.train_time + time.monotonic() - started
+        return self.state.train_time + time.monotonic() - self.started
 
-    def run_eval() -> dict:
-        nonlocal best_val
-        out = {}
-        if valid is not None:
-            v = evaluate(model, valid, amp, ctx.device)
-            out = {"val/loss": v["loss"], "val/perplexity": v["perplexity"], "val/bpc": v["bpc"]}
-            improved = v["loss"] < best_val
-            best_val = min(best_val, v["loss"])
-            logger.log(pos.step, {**out, "epoch": pos.epoch, "time/elapsed_s": elapsed()})
-            log(
-                f"step {pos.step}: validation perplexity {v['perplexity']:.3f}, "
+    def spend_budget(self) -> None:
+        """Collective, at steps every rank knows: agree on the pace of a step (the probe),
+        later fix the LR horizon that ends the schedule at the time budget."""
+        b, s, tcfg = self.budget, self.state, self.cfg.train
+        if b.due(s.step) == "probe":
+            b.plan(dist.max_over_ranks([b.step_seconds()])[0])
+            return
+        began = time.monotonic()
+        self.validate()  # this step's evaluation, timed (samples and best.pt included)
+        step_s, eval_s, save_s = dist.max_over_ranks(
+            [b.step_seconds(), time.monotonic() - began, self.last_save_s]
+        )
+        every_eval = tcfg.eval_every or tcfg.eval_every_epochs * self.streams.epoch_size
+        horizon = b.horizon(
+            s.step, self.elapsed(), step_s, eval_s, save_s, every_eval,
+            tcfg.checkpoint_every, cap=self.total_steps,
+        )  # fmt: skip
+        self.total_steps = self.lr_steps = tcfg.schedule_steps = horizon
+        self.cfg_dict = config_mod.to_dict(self.cfg)
+        if self.ctx.is_main:
+            (self.run_dir / "config.yaml").write_text(config_mod.dump(self.cfg), encoding="utf-8")
+        self.progress.set_total(horizon)
+        self.log(
+            f"time budget {tcfg.time_budget:g} s: {step_s * 1e3:.1f} ms a step, "
+            f"{eval_s:.2f} s an evaluation, {save_s:.2f} s a save (slowest rank) -> the "
+            f"LR schedule spans {horizon} steps (train.schedule_steps in config.yaml)"
+        )
+
+    def log_train(self, acc: TrainAccumulator) -> None:
+        """Collective: the interval's sums reduced over ranks (the interval's one host read)."""
+        s, ctx = self.state, self.ctx
+        self.last_train = {
+            **acc.reduce(ctx.world_size),
+            "epoch": s.epoch,
+            "opt/lr": self.optimizer.param_groups[0]["lr"],
+            "train/chars": s.step * self.cfg.train.batch_size * self.cfg.train.num_steps,
+            "world_size": ctx.world_size,
+            "time/elapsed_s": self.elapsed(),
+        }
+        if self.amp.mode == "fp16":
+            self.last_train["amp/scale"] = self.amp.scaler.get_scale()
+        if ctx.device.type == "cuda":  # the allocator's counter: no device sync
+            self.last_train["perf/gpu_peak_gib"] = (
+                torch.cuda.max_memory_allocated(ctx.device) / 2**30
+            )
+        self.logger.log(s.step, self.last_train)
+        self.progress.update(s.step, self.last_train)
+
+    def validate(self) -> None:
+        """Collective: validation loss over the whole split (best.pt when it improved), then
+        generated samples on rank 0."""
+        s = self.state
+        if self.val_step == s.step:  # the time budget evaluated this step already
+            return
+        self.val_step = s.step
+        if self.valid is not None:
+            v = evaluate(self.model, self.valid, self.amp, self.ctx.device)
+            self.last_val = {"val/loss": v["loss"], "val/perplexity": v["perplexity"]}
+            self.last_val["val/bpc"] = v["bpc"]
+            event = {**self.last_val, "epoch": s.epoch, "time/elapsed_s": self.elapsed()}
+            self.logger.log(s.step, event)
+            self.log(
+                f"step {s.step}: validation perplexity {v['perplexity']:.3f}, "
                 f"{v['bpc']:.3f} bits/char over {int(v['tokens'])} characters"
             )
-            if improved:
-                save("best.pt", periodic=False)
-        if ctx.is_main and cfg.generate.prefixes:
-            logger.samples(pos.step, _samples(model, vocab, cfg, ctx.device, progress))
-        return out
+            if v["loss"] < s.best_val:
+                s.best_val = v["loss"]
+                self.save("best.pt")
+        if self.ctx.is_main and self.cfg.generate.prefixes:
+            self.logger.samples(s.step, self._samples())
 
-    # ---- the loop
-    stopper = Stopper(tcfg.time_limit, tcfg.signal_check_every, ctx.world_size)
-    acc = TrainAccumulator(ctx.device)
-    started = time.monotonic()
-    tokens_per_step = tcfg.batch_size * tcfg.num_steps
-    last_train: dict = {}
-    last_val: dict = {}
-    reason = "done"
-    stop = pos.step >= total_steps or pos.epoch >= tcfg.epochs  # resumed at the very end
-    try:
-        while not stop:
-            i = pos.batch
-            if tcfg.sampling == "random" or i == 0 or hidden is None:
-                hidden = model.init_state(streams.b, ctx.device)  # fresh per batch / epoch
+    def _samples(self) -> list[tuple[str, str]]:
+        g, rows = self.cfg.generate, []
+        for prefix in g.prefixes:
+            try:
+                text = generate(
+                    self.model,
+                    self.vocab,
+                    prefix,
+                    g.length,
+                    g.temperature,
+                    g.top_k,
+                    seed=self.cfg.train.seed,
+                    device=self.ctx.device,
+                )
+            except PrefixError as err:
+                text = f"(skipped: {err})"
+            rows.append((prefix, text))
+            self.progress.write(f" - {text}")
+        return rows
+
+    def checkpoint(self) -> dict:
+        """Collective (the hidden state is gathered): the complete, resumable run."""
+        self.state.train_time, self.started = self.elapsed(), time.monotonic()
+        return {
+            "format": ckpt.FORMAT,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.amp.scaler.state_dict(),
+            **self.state.to_checkpoint(self.cfg.train.sampling == "consecutive"),
+            "world_size": self.ctx.world_size,
+            "vocab": self.vocab.to_list(),
+            "config": self.cfg_dict,
+        }
+
+    def save(self, name: str | None) -> None:
+        """Collective: rank 0 writes `name`, or (None) a periodic step_N.pt that last.pt then
+        names; every rank waits for the file."""
+        began = time.monotonic()
+        state = self.checkpoint()
+        if self.ctx.is_main:
+            cdir = ckpt.checkpoint_dir(self.run_dir)
+            if name is None:
+                target = cdir / f"step_{self.state.step:08d}.pt"
+                ckpt.save_atomic(state, target)
+                ckpt.link_atomic(target, cdir / "last.pt")
+                ckpt.prune(self.run_dir, self.cfg.train.keep_checkpoints)
             else:
-                hidden = detach_state(hidden)  # carried across minibatches, graph cut
-            x_BT, y_BT = streams.batch(pos.epoch, i)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(tcfg, pos.step, lr_steps)
-            loss, norm, hidden = train_step(
-                train_model, params, x_BT, y_BT, hidden, optimizer, amp, tcfg.clip
-            )
-            acc.add(loss, x_BT.numel(), norm, tcfg.clip)
-            pos.step, pos.batch = pos.step + 1, i + 1
-            end_of_epoch = pos.batch == streams.epoch_size
-            if end_of_epoch:
-                pos.epoch, pos.batch = pos.epoch + 1, 0
-            final = pos.step >= total_steps or pos.epoch >= tcfg.epochs
-            preempt, late = stopper.poll(pos.step)
-            if preempt:
-                reason = "preempted"
-            elif late:
-                reason = "time_limit"
-            stop = final or reason != "done"
+                ckpt.save_atomic(state, cdir / name)
+        dist.barrier()
+        self.last_save_s = time.monotonic() - began
 
-            by_epoch = end_of_epoch and pos.epoch % tcfg.eval_every_epochs == 0
-            if stop or (due(tcfg.log_every, pos.step) if tcfg.log_every else end_of_epoch):
-                last_train = {
-                    **acc.reduce(ctx.world_size),  # the one host read of the interval
-                    **_interval_record(pos, optimizer, amp, ctx, tokens_per_step),
-                    "time/elapsed_s": elapsed(),
-                }
-                logger.log(pos.step, last_train)
-                progress.update(pos.step, last_train)
-            if stop or (due(tcfg.eval_every, pos.step) if tcfg.eval_every else by_epoch):
-                if reason != "preempted":
-                    last_val = run_eval() or last_val
-            periodic = due(tcfg.checkpoint_every, pos.step)
-            if periodic or stop:
-                pos.train_time += time.monotonic() - started
-                started = time.monotonic()
-                logger.commit()  # wandb gets events up to this resumable point
-                save("last.pt", periodic=periodic)
-    finally:
-        stopper.restore()
-        progress.close()
-    summary = {
-        "final/step": pos.step,
-        "final/train_time_s": pos.train_time,
-        "best/val_loss": best_val,
-        "best/val_perplexity": perplexity(best_val) if best_val < math.inf else None,
-        "world_size": ctx.world_size,
-    }
-    logger.finish({k: v for k, v in summary.items() if v is not None})
-    result = {**last_train, **last_val, **summary, "reason": reason}
-    if reason == "preempted":
-        log(f"preempted: saved step {pos.step} to {ckpt.checkpoint_dir(run_dir) / 'last.pt'}")
-        raise Preempted(pos.step)
-    return result
-
-
-def _new_run_id() -> str:
-    import secrets
-
-    return secrets.token_hex(4)
+    def finish(self, reason: str) -> dict:
+        s = self.state
+        summary = {
+            "final/step": s.step,
+            "final/train_time_s": s.train_time,
+            "best/val_loss": s.best_val,
+            "best/val_perplexity": perplexity(s.best_val) if s.best_val < math.inf else None,
+            "best/val_bpc": s.best_val / LN2 if s.best_val < math.inf else None,
+            "world_size": self.ctx.world_size,
+        }
+        self.logger.finish({k: v for k, v in summary.items() if v is not None})
+        if reason == "preempted":
+            where = ckpt.checkpoint_dir(self.run_dir) / "last.pt"
+            self.log(f"preempted: saved step {s.step} to {where}")
+            raise Preempted(s.step)
+        return {**self.last_train, **self.last_val, **summary, "reason": reason}

@@ -18,7 +18,8 @@ from pipeline.config import TrainConfig
 from pipeline.dist import shutdown
 from pipeline.metrics import TrainAccumulator, read_jsonl
 from pipeline.model import ScratchRNN
-from pipeline.train import build_optimizer, train_step
+from pipeline.optim import build_optimizer
+from pipeline.train import train_step
 
 V, H, B, T = 23, 16, 4, 6
 CPU = torch.device("cpu")
@@ -104,27 +105,33 @@ def test_fp16_overflow_skips_step_and_halves_scale():
 # ---------------------------------------------------------------- bf16 convergence (real CLI)
 
 
-@pytest.mark.parametrize("amp", ["bf16"])
-def test_bf16_autocast_run_converges(tmp_path, amp):
-    run_dir = tmp_path / "run"
-    run_cli(
-        [
-            "train",
-            *TINY,
-            f"run.dir={run_dir}",
-            f"train.amp={amp}",
-            "train.epochs=25",
-            "train.lr=20",
-            "train.clip=0.5",
-            "model.hidden_size=64",
-        ],
-        timeout=240,
-    )
-    events = [e for e in read_jsonl(run_dir / "metrics.jsonl") if "train/perplexity" in e]
-    first, last = events[0]["train/perplexity"], events[-1]["train/perplexity"]
-    assert all(math.isfinite(e["train/loss"]) for e in events)
-    assert last < 0.5 * first, (first, last)
-    assert events[-1]["amp/skipped_steps"] == 0
+def test_bf16_autocast_run_converges_as_fp32_does(tmp_path):
+    """Settings that converge in fp32 as well (Adam lr 0.01, clip 1): on any CPU (bf16 is
+    emulated where it is not native, only slower), the bf16 run learns the text like the fp32
+    run, to within 10% of its final loss, with no skipped step."""
+    final = {}
+    for amp in ("off", "bf16"):
+        run_dir = tmp_path / amp
+        run_cli(
+            [
+                "train",
+                *TINY,
+                f"run.dir={run_dir}",
+                f"train.amp={amp}",
+                "train.epochs=10",
+                "train.optimizer=adam",
+                "train.lr=0.01",
+                "model.hidden_size=64",
+            ],
+            timeout=240,
+        )
+        events = [e for e in read_jsonl(run_dir / "metrics.jsonl") if "train/perplexity" in e]
+        first, last = events[0]["train/perplexity"], events[-1]["train/perplexity"]
+        assert all(math.isfinite(e["train/loss"]) for e in events)
+        assert last < 0.05 * first, (amp, first, last)  # measured: 311 -> 1.8 (fp32)
+        assert events[-1]["amp/skipped_steps"] == 0
+        final[amp] = events[-1]["train/loss"]
+    assert final["bf16"] == pytest.approx(final["off"], rel=0.1)
 
 
 # ---------------------------------------------------------------- two ranks (gloo)

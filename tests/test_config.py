@@ -15,7 +15,7 @@ from pipeline import config
 from pipeline.config import Config, ConfigError
 from pipeline.model import build_model
 
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if not p.stem.startswith("sweep_"))
 
 
 def write(tmp_path: Path, text: str, name: str = "c.yaml") -> str:

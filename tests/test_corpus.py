@@ -13,15 +13,8 @@ from conftest import JAYCHOU_ZIP, ROOT, run_cli
 
 from pipeline import config
 from pipeline.config import DataConfig
-from pipeline.corpus import (
-    BUILTIN,
-    DataError,
-    download,
-    load_corpus,
-    locate_builtin,
-    read_text,
-    sha256_of,
-)
+from pipeline.corpus import BUILTIN, download, load_corpus, locate_builtin, read_text
+from pipeline.data import DataError, sha256_of
 
 GOOD = JAYCHOU_ZIP.read_bytes()
 SHA = BUILTIN["jaychou"].sha256

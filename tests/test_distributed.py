@@ -11,7 +11,6 @@ Runs are shared between tests (one per configuration and launcher, made on first
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -24,11 +23,11 @@ from conftest import (
     TINY,
     TORCHRUN,
     assert_params_close,
-    free_port,
     load_ckpt,
     run_cli,
     sub_env,
     torchrun,
+    two_agents,
 )
 
 from pipeline import config
@@ -57,39 +56,10 @@ COMMON = [
 CASES = [
     (kind, sampling) for kind in ("rnn_scratch", "lstm") for sampling in ("consecutive", "random")
 ]
-VENV_PATH = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 def overrides(kind: str, sampling: str) -> list[str]:
     return [*COMMON, f"model.kind={kind}", f"train.sampling={sampling}"]
-
-
-def two_agents(args: list[str], timeout: float = 240) -> list[subprocess.CompletedProcess]:
-    """Two simulated nodes: launch/multinode.sh twice (NODE_RANK 0 and 1), 1 rank each,
-    meeting at a c10d rendezvous on 127.0.0.1."""
-    port = free_port()
-    procs = []
-    for node_rank in (0, 1):
-        env = sub_env(
-            NNODES=2,
-            NODE_RANK=node_rank,
-            NPROC_PER_NODE=1,
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=port,
-            RDZV_ID=f"test-{port}",
-            TORCHRUN=TORCHRUN,
-            PATH=VENV_PATH,
-        )
-        cmd = ["timeout", "-k", "10", str(int(timeout)), "launch/multinode.sh", *args]
-        procs.append(
-            subprocess.Popen(
-                cmd, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-            )
-        )
-    outs = [p.communicate(timeout=timeout + 30)[0] for p in procs]
-    return [
-        subprocess.CompletedProcess(p.args, p.returncode, out, "") for p, out in zip(procs, outs)
-    ]
 
 
 @pytest.fixture(scope="module")

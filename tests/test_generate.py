@@ -7,8 +7,7 @@ import zipfile
 
 import pytest
 import torch
-from conftest import JAYCHOU_ZIP, run_cli
-from test_model import rnn, to_onehot
+from conftest import JAYCHOU_ZIP, rnn, run_cli, to_onehot
 
 from pipeline import config
 from pipeline.config import ModelConfig
@@ -230,3 +229,26 @@ def test_cli_prefix_outside_vocabulary_exits_2(checkpoint):
     assert "outside the vocabulary" in proc.stderr and "'Ω' 'ß'" in proc.stderr
     assert "Traceback" not in proc.stderr and "KeyError" not in proc.stderr
     assert proc.stdout == ""
+
+
+@pytest.mark.parametrize(
+    "flag,value",
+    [
+        ("--length", "-5"),
+        ("--length", "0"),
+        ("--num-samples", "0"),
+        ("--num-samples", "-1"),
+        ("--top-k", "0"),
+        ("--top-k", "-3"),
+        ("--temperature", "0"),
+        ("--temperature", "-0.5"),
+    ],
+)
+def test_cli_non_positive_numbers_exit_2_naming_the_flag(checkpoint, flag, value):
+    """Checked before the checkpoint is read: nothing is printed but the error."""
+    path, _ = checkpoint
+    args = ["generate", "--checkpoint", str(path), "--prefix", "分开", flag, value]
+    proc = run_cli(args, check=False)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert f"argument {flag}: must be > 0, got {value}" in proc.stderr
+    assert "Traceback" not in proc.stderr

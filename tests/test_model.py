@@ -4,35 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import rnn, to_onehot
 
 from pipeline.config import ConfigError, ModelConfig
 from pipeline.model import ScratchRNN, TorchRNN, build_model, detach_state, num_params
 
 V, H, B, T = 23, 16, 3, 7
-
-
-# ---------------------------------------------------------------- the chapter's code
-
-
-def one_hot(x, n_class, dtype=torch.float32):
-    result = torch.zeros(x.shape[0], n_class, dtype=dtype, device=x.device)
-    result.scatter_(1, x.long().view(-1, 1), 1)
-    return result
-
-
-def to_onehot(X, n_class):
-    return [one_hot(X[:, i], n_class) for i in range(X.shape[1])]
-
-
-def rnn(inputs, state, params):
-    W_xh, W_hh, b_h, W_hq, b_q = params
-    (H,) = state
-    outputs = []
-    for X in inputs:
-        H = torch.tanh(torch.matmul(X, W_xh) + torch.matmul(H, W_hh) + b_h)
-        Y = torch.matmul(H, W_hq) + b_q
-        outputs.append(Y)
-    return outputs, (H,)
 
 
 # ---------------------------------------------------------------- index input == one-hot input
@@ -137,10 +114,9 @@ def test_state_passed_in_and_out_not_stored(kind):
 
 def test_torch_models_options():
     m = TorchRNN("gru", V, H, num_layers=2, dropout=0.3, embedding_size=8)
-    assert m.embedding.weight.shape == (V, 8) and m.rnn.dropout == 0.3
-    assert m.rnn.num_layers == 2
-    m1 = TorchRNN("rnn", V, H, num_layers=1, dropout=0.3)
-    assert m1.rnn.dropout == 0.0  # nn.RNN warns about dropout with one layer; we skip it
+    assert m.embedding.weight.shape == (V, 8) and m.dropout == 0.3
+    # one single-layer cell per layer: the module, not the kernel, drops between them
+    assert [(c.input_size, c.num_layers, c.dropout) for c in m.rnn] == [(8, 1, 0), (H, 1, 0)]
     tied = TorchRNN("lstm", V, H, tie_weights=True)
     assert tied.dense.weight is tied.embedding.weight
     assert num_params(tied) == num_params(TorchRNN("lstm", V, H)) - V * H

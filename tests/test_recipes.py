@@ -142,7 +142,7 @@ def test_dropout_acts_in_training_only():
     assert torch.equal(m(x, s)[0], m(x, s)[0])
     plain = _model(kind="gru", hidden_size=16, num_layers=2, dropout=0.0)
     assert torch.equal(plain(x, s)[0], plain(x, s)[0])
-    assert plain.rnn.dropout == 0.0 and m.rnn.dropout == 0.5
+    assert plain.dropout == 0.0 and m.dropout == 0.5
 
 
 def gpu_recipes(*names: str, **env) -> subprocess.CompletedProcess:

@@ -40,10 +40,17 @@ CASES = {
         "train.warmup_steps=5",
         f"train.schedule_steps={K}",
     ],
-    # dropout between the layers and before the output: the per-rank RNG must be restored;
-    # a validation split evaluates (model.eval()) at the stop and at the epoch end
+    # dropout on the embedding, between the layers and before the output: masks of (seed,
+    # step, global stream), nothing to restore; a validation split evaluates (model.eval())
+    # at the stop and at the epoch end
     "consecutive_dropout": ["train.sampling=consecutive", *LSTM, "data.valid_fraction=0.1"],
-    "random_dropout": ["train.sampling=random", *LSTM],
+    # locked (per stream) dropout and weight drop on the recurrent weights
+    "random_dropout": [
+        "train.sampling=random",
+        *LSTM,
+        "model.dropout_kind=locked",
+        "model.weight_drop=0.2",
+    ],
 }
 
 

@@ -8,53 +8,12 @@ import random
 import numpy as np
 import pytest
 import torch
+from conftest import data_iter_consecutive, data_iter_random
 
-from pipeline.corpus import DataError
+from pipeline.data import DataError
 from pipeline.streams import IGNORE, ConsecutiveStreams, EvalStreams, RandomWindows
 
 CPU = torch.device("cpu")
-
-
-# ---------------------------------------------------------------- the chapter's iterators
-# Copied from d2l-zh (PyTorch), d2lzh_pytorch/utils.py; only `example_indices` can be given
-# instead of drawn, so that the reference can be fed our permutation.
-
-
-def data_iter_random(corpus_indices, batch_size, num_steps, device=None, example_indices=None):
-    # 减1是因为输出的索引x是相应输入的索引y加1
-    num_examples = (len(corpus_indices) - 1) // num_steps
-    epoch_size = num_examples // batch_size
-    if example_indices is None:
-        example_indices = list(range(num_examples))
-        random.shuffle(example_indices)
-
-    # 返回从pos开始的长为num_steps的序列
-    def _data(pos):
-        return corpus_indices[pos : pos + num_steps]
-
-    for i in range(epoch_size):
-        # 每次读取batch_size个随机样本
-        i = i * batch_size
-        batch_indices = example_indices[i : i + batch_size]
-        X = [_data(j * num_steps) for j in batch_indices]
-        Y = [_data(j * num_steps + 1) for j in batch_indices]
-        yield (
-            torch.tensor(X, dtype=torch.float32, device=device),
-            torch.tensor(Y, dtype=torch.float32, device=device),
-        )
-
-
-def data_iter_consecutive(corpus_indices, batch_size, num_steps, device=None):
-    corpus_indices = torch.tensor(corpus_indices, dtype=torch.float32, device=device)
-    data_len = len(corpus_indices)
-    batch_len = data_len // batch_size
-    indices = corpus_indices[0 : batch_size * batch_len].view(batch_size, batch_len)
-    epoch_size = (batch_len - 1) // num_steps
-    for i in range(epoch_size):
-        i = i * num_steps
-        X = indices[:, i : i + num_steps]
-        Y = indices[:, i + 1 : i + num_steps + 1]
-        yield X, Y
 
 
 # ---------------------------------------------------------------- helpers

@@ -9,9 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, load_ckpt
-from test_model import rnn, to_onehot
-from test_streams import data_iter_consecutive, data_iter_random
+from conftest import TINY, data_iter_consecutive, data_iter_random, load_ckpt, rnn, to_onehot
 
 import pipeline.train as train_mod
 from pipeline import config
@@ -19,8 +17,8 @@ from pipeline.config import TrainConfig
 from pipeline.corpus import load_corpus
 from pipeline.metrics import read_jsonl
 from pipeline.model import ScratchRNN
+from pipeline.optim import build_optimizer, clip_grad_global, lr_at
 from pipeline.streams import RandomWindows
-from pipeline.train import build_optimizer, clip_grad_global, lr_at
 
 # ---------------------------------------------------------------- clipping
 
@@ -234,8 +232,8 @@ def test_state_carried_within_epoch_reset_at_epoch_start(tmp_path, monkeypatch, 
         model = real_build(model_cfg, vocab_size)
         forward = model.forward
 
-        def spy(x, state):
-            logits, new = forward(x, state)
+        def spy(x, state, noise=None):
+            logits, new = forward(x, state, noise)
             calls.append(
                 (
                     [s.clone() for s in state],

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -269,3 +270,148 @@ def test_history_reader_rejects_foreign_files(tmp_path):
     with pytest.raises(ValueError):
         list(read_records(tmp_path / "x.wandb"))
     assert os.path.getsize(tmp_path / "x.wandb") > 0
+
+
+# Kills itself while the periodic checkpoint of step KILL_IN_SAVE is being written, after
+# giving wandb (flushing every 0.05 s) time to write whatever it was sent.
+KILLED_IN_SAVE = """
+import os, signal, sys, time
+import pipeline.checkpoint as ckpt, pipeline.__main__ as cli
+orig = ckpt.save_atomic
+def save_atomic(state, path):
+    if path.name == f"step_{int(os.environ['KILL_IN_SAVE']):08d}.pt":
+        time.sleep(1.5)
+        os.kill(os.getpid(), signal.SIGKILL)
+    orig(state, path)
+ckpt.save_atomic = save_atomic
+sys.exit(cli.main())
+"""
+
+
+def test_kill_during_a_save_sends_no_step_that_the_resume_redoes(tmp_path):
+    """Events wait until their checkpoint is on disk: killed while saving step 10, wandb holds
+    1..5 (the last checkpoint), not 6..10, which the resume from step 5 logs again; the
+    attempts together hold every step once."""
+    run_dir, wandb_dir = tmp_path / "run", tmp_path / "wandb"
+    args = [
+        "train",
+        f"run.dir={run_dir}",
+        *TINY,
+        "train.max_steps=12",
+        "train.log_every=1",
+        "train.checkpoint_every=5",
+        "logging.wandb.mode=offline",
+    ]
+    env = wandb_env(wandb_dir, KILL_IN_SAVE=10, WANDB__TRANSACTION_LOG_FLUSH_INTERVAL=0.05)
+    first = subprocess.run(
+        [sys.executable, "-c", KILLED_IN_SAVE, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert first.returncode == -9, first.stderr
+    assert load_ckpt(run_dir)["step"] == 5
+    (before,) = wandb_files(wandb_dir)
+    assert history_steps(before) == [1, 2, 3, 4, 5]
+    run_cli(args, env=wandb_env(wandb_dir), timeout=180)
+    files = attempts(wandb_dir / "wandb", load_ckpt(run_dir)["wandb_run_id"])
+    assert [s for f in files for s in history_steps(f)] == list(range(1, 13))
+
+
+# Under torchrun --max-restarts=1: the first attempt's worker dies right after logging
+# step CRASH_AT (no checkpoint exists: train.checkpoint_every=0); the restart redoes the run.
+CRASH_ONCE = """
+import os, sys
+import pipeline.metrics as m, pipeline.__main__ as cli
+orig = m.RunLogger.log
+def log(self, step, metrics):
+    orig(self, step, metrics)
+    if step >= int(os.environ["CRASH_AT"]) and os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
+        os._exit(1)
+m.RunLogger.log = log
+sys.exit(cli.main())
+"""
+
+
+def test_elastic_restart_without_checkpoint_keeps_history_and_run(tmp_path):
+    """No checkpoint to resume from: the restarted worker trains again from step 0 (the same
+    steps, exactly), keeps metrics.jsonl and the wandb run, and logs no step twice."""
+    run_dir, wandb_dir = tmp_path / "run", tmp_path / "wandb"
+    script = tmp_path / "crash_once.py"
+    script.write_text(CRASH_ONCE)
+    args = [
+        "train",
+        f"run.dir={run_dir}",
+        *TINY,
+        "train.max_steps=12",
+        "train.log_every=1",
+        "train.checkpoint_every=0",
+        "logging.wandb.mode=offline",
+    ]
+    env = wandb_env(wandb_dir, CRASH_AT=8, PYTHONPATH=ROOT)
+    cmd = ["timeout", "-k", "10", "240", str(Path(sys.executable).with_name("torchrun"))]
+    cmd += ["--standalone", "--nproc_per_node=1", "--max-restarts=1", str(script), *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=270)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_id = load_ckpt(run_dir)["wandb_run_id"]
+    assert json.loads((run_dir / "run.json").read_text())["wandb_run_id"] == run_id
+    files = attempts(wandb_dir / "wandb", run_id)
+    assert len(files) == 2 and wandb_files(wandb_dir) == files  # one run, two attempts
+    assert [s for f in files for s in history_steps(f)] == list(range(1, 13))
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    assert [e["step"] for e in rows if "train/loss" in e] == list(range(1, 13))
+
+
+def test_sweep_trial_runs_the_command_the_agent_builds(tmp_path):
+    """configs/sweep_songci_cpu.yaml: the command `wandb agent` would run for one trial, built
+    with wandb's own sweep-command helpers and its macro expansion, runs (offline, shortened
+    by overrides appended after the trial's values): its own run directory named by the
+    agent's run id, the trial's values in its config, one wandb run with that id whose
+    summary holds the sweep's metric."""
+    import secrets
+
+    import yaml
+    from wandb.sdk.launch.sweeps.utils import create_sweep_command, create_sweep_command_args
+
+    sweep = yaml.safe_load((ROOT / "configs/sweep_songci_cpu.yaml").read_text(encoding="utf-8"))
+
+    def first(spec: dict):  # one trial: the first of each choice, the low end of each range
+        return spec["value"] if "value" in spec else spec.get("values", [spec.get("min")])[0]
+
+    run_id = f"test{secrets.token_hex(4)}"
+    trial = {
+        "run_id": run_id,
+        "program": sweep["program"],
+        "args": {k: {"value": first(v)} for k, v in sweep["parameters"].items()},
+    }
+    macros = create_sweep_command_args(trial)
+    macros.update(env=["/usr/bin/env"], interpreter=["python"], program=[trial["program"]])
+    command = []  # the agent's expansion: a chunk "${name}" becomes the macro's list
+    for chunk in create_sweep_command(list(sweep["command"])):
+        whole = chunk.startswith("${") and chunk.endswith("}") and chunk[2:-1] in macros
+        command += macros[chunk[2:-1]] if whole else [chunk]
+    assert "train.lr=0.002" in command and "model.dropout_kind=standard" in command
+    short = ["train.time_budget=4", "data.max_chars=30000", "model.hidden_size=32"]
+    short += ["model.num_layers=1", "eval.batch_size=4", "generate.prefixes=[]"]
+    run_dir = ROOT / "runs" / "sweep_songci_cpu" / run_id
+    env = wandb_env(tmp_path / "wandb", WANDB_RUN_ID=run_id, WANDB_MODE="offline")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # "python": the venv's
+    env["PIPELINE_CACHE_DIR"] = str(tmp_path / "cache")
+    try:
+        proc = subprocess.run(
+            command + short, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        saved = load_ckpt(run_dir)
+        assert saved["wandb_run_id"] == run_id
+        assert saved["config"]["train"]["lr"] == 0.002
+        assert saved["config"]["train"]["batch_size"] == 16
+        assert saved["config"]["model"]["hidden_size"] == 32  # the appended override wins
+        assert saved["config"]["train"]["schedule_steps"] > 0  # the budget fixed the horizon
+        (wandb_file,) = wandb_files(tmp_path / "wandb")
+        run = read_run(wandb_file)
+        assert run["id"] == run_id and "best/val_bpc" in run["summary"]
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)

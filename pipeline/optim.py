@@ -1,0 +1,61 @@
+"""Optimisation pieces: the optimizer, the learning-rate schedule, clipping by global norm."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import torch
+
+
+def build_optimizer(cfg, model: torch.nn.Module, amp_mode: str = "off") -> torch.optim.Optimizer:
+    """fp16 takes the fused kernels: GradScaler then hands them found_inf on the device
+    (the step is skipped inside the kernel) instead of reading it with .item() every step."""
+    params = list(model.parameters())
+    fused = {"fused": True} if amp_mode == "fp16" else {}
+    if cfg.optimizer == "sgd":  # the chapter's d2l.sgd: p -= lr * grad
+        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
+    cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+    return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, **fused)
+
+
+def lr_at(cfg, step: int, total_steps: int) -> float:
+    """Linear warmup, then constant or cosine decay to lr * min_lr_ratio; a pure function of
+    the step, so resuming needs no scheduler state. total_steps = 0: the horizon is not known
+    yet (a time budget still measuring), so the peak."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant" or total_steps <= cfg.warmup_steps:
+        return cfg.lr
+    frac = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    return cfg.lr * (
+        cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
+    )
+
+
+def schedule_steps(tcfg, epoch_size: int) -> int:
+    """Steps the LR schedule spans: its own key, so that a run stopped by train.max_steps and
+    continued with a larger one can keep one cosine curve (set it to the final length)."""
+    return tcfg.schedule_steps or tcfg.max_steps or tcfg.epochs * epoch_size
+
+
+def warn_schedule_change(saved_train: dict, tcfg, epoch_size: int, log) -> None:
+    """Resuming under another cosine length changes the LR from here on: allowed, not silent."""
+    was = schedule_steps(SimpleNamespace(**{"schedule_steps": 0, **saved_train}), epoch_size)
+    now = schedule_steps(tcfg, epoch_size)
+    if tcfg.schedule == "cosine" and was != now:
+        log(
+            f"warning: the cosine LR schedule spanned {was} steps in the checkpoint and spans "
+            f"{now} now, so the learning rate differs from here on; set "
+            f"train.schedule_steps={was} to keep the saved schedule"
+        )
+
+
+def clip_grad_global(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """The chapter's rule g <- min(theta / ||g||, 1) g over all parameters; returns the
+    pre-clip global norm as a device tensor (no host sync)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads]))
+    if max_norm > 0:
+        torch._foreach_mul_(grads, torch.clamp(max_norm / norm, max=1.0).to(grads[0].dtype))
+    return norm
