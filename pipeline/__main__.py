@@ -189,7 +189,10 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--split", default="validation")
     e.add_argument(
-        "--batch-size", type=positive(int), default=None, help="default: the config's eval.batch_size"
+        "--batch-size",
+        type=positive(int),
+        default=None,
+        help="default: the config's eval.batch_size",
     )
     e.add_argument("--amp", default="off", choices=["off", "bf16", "fp16", "auto"])
     e.add_argument("--device", default="auto")
