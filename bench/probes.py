@@ -113,7 +113,6 @@ def phases(args) -> None:
     from pipeline.model import build_model, detach_state
     from pipeline.optim import build_optimizer, clip_grad_global
     from pipeline.streams import make_train_streams
-    from pipeline.train import lm_loss
 
     ctx = dist.init("cpu", 1)
     w = ctx.world_size
@@ -138,8 +137,8 @@ def phases(args) -> None:
         x, y = streams.batch(0, i % streams.epoch_size)
         t0 = time.perf_counter()
         with amp.autocast():
-            logits, hidden = train_model(x, hidden)
-        loss = lm_loss(logits, y)
+            nll, hidden = train_model(x, hidden, None, y)
+        loss = nll.mean()
         t1 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss.backward()  # with DDP: holds the all-reduce

@@ -4,8 +4,9 @@
     python -m bench.quality --nproc 2 --budget 300 --config configs/songci_cpu.yaml
     make bench-quality
 
-Trains with `train.time_limit=BUDGET` (training time; start-up, data preparation and the
-final evaluation are not counted), evaluates `checkpoints/best.pt` over the whole validation
+Trains with `train.time_budget=BUDGET` (training time, evaluations and saves included;
+start-up, data preparation and the final evaluation of best.pt are not counted: the LR
+schedule ends when the budget does, on whatever machine runs it), evaluates `checkpoints/best.pt` over the whole validation
 and test splits (`python -m pipeline eval`), generates samples for a few prefixes, prints it
 all and appends a section to docs/benchmarks.md (unless --no-write).
 """
@@ -23,6 +24,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from pipeline.amp import cpu_has_native_bf16, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -46,6 +49,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prefixes", default="春风,明月,分开")
     ap.add_argument("--run-dir", default="")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--json", default="", help="also append the result as one JSON line here")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
 
@@ -61,7 +65,7 @@ def main(argv=None) -> int:
         f"run.dir={run_dir}",
         "train.resume=never",
         "run.overwrite=true",
-        f"train.time_limit={args.budget}",
+        f"train.time_budget={args.budget}",
         "logging.wandb.mode=disabled",
         *args.overrides,
     ]
@@ -129,7 +133,11 @@ def main(argv=None) -> int:
         "overrides": args.overrides,
         "nproc": args.nproc,
         "budget_s": args.budget,
-        "train_time_s": last.get("time/elapsed_s"),
+        "train_time_s": max(e.get("time/elapsed_s", 0) for e in events),
+        "amp": resolve(config_of(run_dir)["train"]["amp"], torch.device("cpu")),
+        "native_bf16": cpu_has_native_bf16(),
+        "schedule_steps": config_of(run_dir)["train"]["schedule_steps"],
+        "last_lr": last.get("opt/lr"),
         "wall_s": round(wall, 1),
         "steps": last["step"],
         "chars_seen": last.get("train/chars"),
@@ -141,9 +149,18 @@ def main(argv=None) -> int:
         "samples": samples,
     }
     print(json.dumps(result, ensure_ascii=False, indent=1))
+    if args.json:
+        with open(args.json, "a", encoding="utf-8") as f:
+            f.write(json.dumps(result, ensure_ascii=False) + "\n")
     if not args.no_write:
         append_doc(result, argv if argv is not None else sys.argv[1:])
     return 0
+
+
+def config_of(run_dir: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
 
 
 def append_doc(r: dict, argv: list[str]) -> None:
@@ -160,8 +177,8 @@ def append_doc(r: dict, argv: list[str]) -> None:
         f"\n### {r['config']}, {r['budget_s']:.0f} s, {r['nproc']} process(es) "
         f"({time.strftime('%Y-%m-%d %H:%M')})\n",
         f"Command: `python -m bench.quality {' '.join(argv)}`. Machine: {cpu}, "
-        f"{os.cpu_count()} cores, torch {torch.__version__}, load average {load:.1f} at the "
-        f"end.\n",
+        f"{os.cpu_count()} cores, {'native' if r['native_bf16'] else 'no native'} bf16, "
+        f"amp {r['amp']}, torch {torch.__version__}, load average {load:.1f} at the end.\n",
         "| split | loss (nats) | perplexity | bits/char | characters |",
         "|---|---:|---:|---:|---:|",
     ]
@@ -171,6 +188,10 @@ def append_doc(r: dict, argv: list[str]) -> None:
             f"| {split} | {e['loss']:.4f} | {e['perplexity']:.1f} | {e['bpc']:.3f} | "
             f"{int(e['tokens']):,} |"
         )
+    text.append(
+        f"\nTrained {r['train_time_s']:.0f} s of a {r['budget_s']:.0f} s budget; the LR "
+        f"schedule spanned {r['schedule_steps']} steps and ended at lr {r['last_lr']:.2e}."
+    )
     text.append(
         f"\n{r['steps']} steps, {r['chars_seen']:,} training characters seen, "
         f"{r['tokens_per_s']:,.0f} tokens/s at the end, checkpoint `{r['checkpoint']}` "

@@ -1,29 +1,38 @@
 """train.time_budget: train for a wall time, the LR schedule ending when the time does.
 
 The schedule needs its horizon in steps, and the steps that fit into a time depend on the
-machine. So the budget measures: the seconds a step takes from a few steps in until 3% of
-the budget has passed or warm-up ends (whichever comes first), then one evaluation
-(validation, samples, best.pt) and one checkpoint save. With the slowest rank's figures it
-takes the largest horizon H whose steps, evaluations and saves fit into what is left:
+machine, and on a shared machine even on the minute. So the budget measures and plans, then
+re-plans as it goes:
 
-    elapsed + (H - step) * step_s + evaluations(H) * eval_s + saves(H) * save_s <= budget
+- measure: the seconds a step takes from step SKIP until FIRST of the budget has passed or
+  warm-up ends (whichever comes first), and one evaluation (validation, samples, best.pt);
+- plan: with the slowest rank's figures, the largest horizon H whose steps, evaluations and
+  saves fit into what is left,
 
-capped by train.max_steps and train.epochs. H becomes train.schedule_steps in
-run.dir/config.yaml and in every checkpoint's config: a resume continues the same curve,
-and a rerun with train.schedule_steps=H (no budget) repeats the run; bitwise when the
-measurement ended inside warm-up, where the LR does not depend on H. The decisions fall at
-steps every rank computes alike (a probe after SKIP + PROBE steps agrees on the pace), so
-the collectives meet.
+      elapsed + (H - step) * step_s + evaluations(H) * eval_s + saves(H) * save_s <= budget,
+
+  capped by train.max_steps and train.epochs;
+- re-plan when REPLAN_AT of the budget has passed, with the pace since the last plan: the
+  rest of the cosine, from where the LR stands, is re-aimed at the new horizon
+  (pipeline.optim.cosine_progress), so the LR stays continuous and ends with the budget.
+
+Every plan [step, horizon] is appended to train.schedule_plans, and the last horizon is
+train.schedule_steps and train.max_steps, in run.dir/config.yaml and in every checkpoint's
+config: a resume continues the same curve (and keeps re-planning with what is left of the
+budget), and a rerun of config.yaml (plans given: nothing measured) repeats the run. The
+decisions fall at steps every rank computes from agreed values, so the collectives meet.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 
-SKIP = 3  # first steps: allocator and caches warm up
+SKIP = 10  # first steps: allocator, kernels and caches warm up
 PROBE = 10  # steps timed before the pace is agreed on
-FRACTION = 0.03  # of the budget spent measuring, at most
-SLACK = 0.005  # of the budget left free for what the measurement did not see
+FIRST = 0.04  # of the budget spent measuring before the first plan, at most
+REPLAN_AT = (0.25, 0.5, 0.75, 0.9, 0.97)  # fractions of the budget where it re-plans
+SLACK = 0.005  # of the budget left free for what the measurements did not see
 
 
 def occurrences(every: int, after: int, upto: int) -> int:
@@ -36,37 +45,40 @@ def occurrences(every: int, after: int, upto: int) -> int:
 class TimeBudget:
     def __init__(self, seconds: float, step: int, warmup_steps: int):
         self.seconds = seconds
-        self.start = step + SKIP
-        self.probe_at = self.start + PROBE
-        self.fix_at = math.inf if seconds > 0 else -1  # known after the probe
         self.warmup_steps = warmup_steps
-        self.spent, self.counted = 0.0, 0  # seconds in training steps since `start`
+        self.start = step + SKIP  # the timing window opens after this step
+        self.next, self.kind = (self.start + PROBE, "probe") if seconds > 0 else (-1, "")
+        self.spent, self.counted = 0.0, 0  # seconds in training steps of the window
+        self.evals: list[float] = []  # seconds of each evaluation (samples, best.pt included)
+        self.saves: list[float] = []  # seconds of each periodic or final save
 
     def count(self, step: int, seconds: float) -> None:
         """The time of the step that ended at `step` (logging, evaluation, saves left out)."""
-        if self.start < step and self.fix_at >= step:
+        if self.kind and step > self.start:
             self.spent, self.counted = self.spent + seconds, self.counted + 1
 
     def due(self, step: int) -> str:
-        """ "probe", "fix" or ""; a pure function of the step and of agreed values."""
-        if step == self.probe_at and self.fix_at == math.inf:
-            return "probe"
-        return "fix" if step == self.fix_at else ""
+        """ "probe", "plan" or "": a pure function of the step and of agreed values."""
+        return self.kind if step == self.next else ""
 
     def step_seconds(self) -> float:
         return self.spent / max(1, self.counted)
 
-    def plan(self, step_s: float) -> None:
-        """From the agreed pace: time until FRACTION of the budget, but not past warm-up."""
-        more = math.ceil(FRACTION * self.seconds / max(step_s, 1e-9)) - PROBE
-        end = self.probe_at + max(0, more)
-        if self.warmup_steps > self.probe_at:
-            end = min(end, self.warmup_steps)
-        self.fix_at = end
+    def costs(self) -> tuple[float, float]:
+        """Mean seconds of an evaluation and of a save so far (0 when none was seen)."""
+        mean = statistics.fmean
+        return (mean(self.evals) if self.evals else 0.0, mean(self.saves) if self.saves else 0.0)
 
-    def horizon(self, step, elapsed, step_s, eval_s, save_s, every_eval, every_save, cap) -> int:
-        """The largest H <= cap whose remaining steps, evaluations and saves fit."""
-        self.fix_at = -1
+    def after_probe(self, step_s: float) -> None:
+        """From the agreed pace: plan when FIRST of the budget has passed, or warm-up ends."""
+        end = self.next + max(1, math.ceil(FIRST * self.seconds / max(step_s, 1e-9)) - PROBE)
+        if self.warmup_steps > self.next:
+            end = min(end, self.warmup_steps)  # past self.next, so the plan still comes
+        self.next, self.kind = end, "plan"
+
+    def plan(self, step, elapsed, step_s, eval_s, save_s, every_eval, every_save, cap) -> int:
+        """The largest horizon <= cap whose remaining steps, evaluations and saves fit; sets
+        the step of the next re-plan and restarts the timing window."""
 
         def cost(h: int) -> float:
             return (
@@ -80,4 +92,12 @@ class TimeBudget:
         while lo < hi:  # cost grows with h
             mid = (lo + hi + 1) // 2
             lo, hi = (mid, hi) if cost(mid) <= left else (lo, mid - 1)
+        later = [f * self.seconds for f in REPLAN_AT if f * self.seconds > elapsed]
+        self.next = -1
+        if later:
+            at = step + max(1, math.ceil((later[0] - elapsed) / max(step_s, 1e-9)))
+            if at < lo:
+                self.next = at
+        self.kind = "plan" if self.next > 0 else ""
+        self.start, self.spent, self.counted = step, 0.0, 0
         return lo

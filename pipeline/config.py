@@ -79,6 +79,8 @@ class ModelConfig:
     weight_drop: float = 0.0  # DropConnect on the hidden-to-hidden weights (rnn/gru/lstm)
     embedding_size: int = 0  # input embedding width (rnn/gru/lstm); 0 means hidden_size
     tie_weights: bool = False  # share input embedding and output weights (needs equal widths)
+    adaptive_cutoffs: list[int] = field(default_factory=list)  # adaptive input/softmax clusters
+    adaptive_div: int = 4  # width divisor from one cluster to the next
     init_std: float = 0.01  # rnn_scratch: normal(0, init_std), as the chapter
 
 
@@ -98,6 +100,7 @@ class TrainConfig:
     warmup_steps: int = 0
     schedule_steps: int = 0  # steps the cosine spans; 0 = max_steps, else epochs x minibatches
     time_budget: float = 0.0  # seconds of training; the LR schedule ends with them (0 = off)
+    schedule_plans: list[list[int]] = field(default_factory=list)  # [step, horizon]s a budget made
     min_lr_ratio: float = 0.1
     clip: float = 0.01  # clip by global gradient norm (the chapter's theta); 0 disables
     amp: str = "off"  # off | bf16 | fp16 | auto
@@ -170,6 +173,7 @@ CHOICES = {
     "logging.progress": ("auto", "bar", "lines", "off"),
 }
 POSITIVE = (
+    "model.adaptive_div",
     "train.batch_size",
     "train.num_steps",
     "model.hidden_size",
@@ -272,6 +276,11 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}' must be in [0, 1), got {get(cfg, key)}")
     if cfg.data.source in ("text", "hf") and not cfg.data.path:
         raise ConfigError(f"config key 'data.path' is required with data.source={cfg.data.source}")
+    cuts = cfg.model.adaptive_cutoffs
+    if cuts and (cuts != sorted(set(cuts)) or cuts[0] < 1):
+        raise ConfigError(
+            f"config key 'model.adaptive_cutoffs': must be increasing and > 0, got {cuts}"
+        )
     if len(cfg.train.betas) != 2:
         raise ConfigError("config key 'train.betas' must have two values")
 

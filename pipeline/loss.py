@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+IGNORE = -100  # target id that cross_entropy skips (padding of validation rows)
 CHUNK = 128  # rows per fp32 chunk (3.4 MB at V = 6.6k); 32-512 measured within 10%
 
 
@@ -50,7 +51,7 @@ class _HalfCrossEntropy(torch.autograd.Function):
 def cross_entropy(
     logits_NV: torch.Tensor,
     target_N: torch.Tensor,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE,
     reduction: str = "mean",
 ) -> torch.Tensor:
     """F.cross_entropy semantics (mean over non-ignored targets, or sum)."""

@@ -1,7 +1,9 @@
 """Character-level RNN language models: pure nn.Modules, no rank, no I/O.
 
 Every model maps ids x_BT and a state (a tuple of (num_layers, B, H) tensors) to time-major
-logits_TBV and the new state. The state is passed in and returned, never stored in the
+logits_TBV (log-probabilities with an adaptive output) and the new state; given the targets
+y_BT it returns instead the per-target negative log-likelihood nll_N (time-major, 0 where
+the target is IGNORE), which the adaptive output computes without the full logits. The state is passed in and returned, never stored in the
 module: DDP would otherwise broadcast it as a buffer, and each rank carries its own. In
 training mode `noise` (pipeline.noise.Noise: seed, global step, this rank's first global
 stream) decides every dropout and weight-drop mask.
@@ -17,7 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from .adaptive import AdaptiveIO
 from .config import ConfigError, ModelConfig
+from .loss import IGNORE, cross_entropy
 from .noise import Noise
 
 State = tuple[torch.Tensor, ...]
@@ -88,14 +92,15 @@ class ScratchRNN(nn.Module):
         return (torch.zeros(1, batch_size, self.hidden_size, device=device),)
 
     def forward(
-        self, x_BT: torch.Tensor, state: State, noise: Noise | None = None
+        self, x_BT: torch.Tensor, state: State, noise: Noise | None = None, targets=None
     ) -> tuple[torch.Tensor, State]:
         dtype = compute_dtype(x_BT.device)
         xw_TBH = F.embedding(x_BT.t(), self.W_xh) + self.b_h  # == one_hot(x) @ W_xh + b_h
         h_TBH = TanhRecurrence.apply(xw_TBH.to(dtype), state[0][0].to(dtype), self.W_hh.to(dtype))
         T, B, H = h_TBH.shape
         logits_TBV = torch.addmm(self.b_q, h_TBH.view(T * B, H), self.W_hq).view(T, B, -1)
-        return logits_TBV, (h_TBH[-1].float().unsqueeze(0),)
+        state = (h_TBH[-1].float().unsqueeze(0),)
+        return (logits_TBV if targets is None else nll(logits_TBV, targets)), state
 
 
 class TorchRNN(nn.Module):
@@ -121,24 +126,32 @@ class TorchRNN(nn.Module):
         tie_weights: bool = False,
         dropout_kind: str = "standard",
         weight_drop: float = 0.0,
+        adaptive_cutoffs: tuple = (),
+        adaptive_div: int = 4,
     ):
         super().__init__()
         emb = embedding_size or hidden_size
         self.kind, self.hidden_size, self.num_layers = kind, hidden_size, num_layers
         self.dropout, self.locked, self.weight_drop = dropout, dropout_kind == "locked", weight_drop
-        self.embedding = nn.Embedding(vocab_size, emb)
+        for key, wants in (("tie_weights", tie_weights), ("adaptive_cutoffs", adaptive_cutoffs)):
+            if wants and emb != hidden_size:
+                raise ConfigError(
+                    f"config key 'model.{key}': needs model.embedding_size "
+                    f"({emb}) == model.hidden_size ({hidden_size})"
+                )
         cell = self.CELLS[kind]
         self.rnn = nn.ModuleList(
             cell(emb if i == 0 else hidden_size, hidden_size) for i in range(num_layers)
         )
-        self.dense = nn.Linear(hidden_size, vocab_size)
-        if tie_weights:
-            if emb != hidden_size:
-                raise ConfigError(
-                    f"config key 'model.tie_weights': needs model.embedding_size "
-                    f"({emb}) == model.hidden_size ({hidden_size})"
-                )
-            self.dense.weight = self.embedding.weight
+        if adaptive_cutoffs:
+            self.io = AdaptiveIO(
+                vocab_size, hidden_size, list(adaptive_cutoffs), adaptive_div, tie_weights
+            )
+        else:
+            self.embedding = nn.Embedding(vocab_size, emb)
+            self.dense = nn.Linear(hidden_size, vocab_size)
+            if tie_weights:
+                self.dense.weight = self.embedding.weight
         self.register_load_state_dict_pre_hook(_stacked_to_per_layer)
 
     def init_state(self, batch_size: int, device: torch.device) -> State:
@@ -146,19 +159,28 @@ class TorchRNN(nn.Module):
         return (z, z.clone()) if self.kind == "lstm" else (z,)
 
     def forward(
-        self, x_BT: torch.Tensor, state: State, noise: Noise | None = None
+        self, x_BT: torch.Tensor, state: State, noise: Noise | None = None, targets=None
     ) -> tuple[torch.Tensor, State]:
         if self.training and noise is None:  # outside the trainer: masks from torch's RNG
             noise = Noise(int(torch.randint(2**62, ())), 0)
-        h_TBD = self._drop(self.embedding(x_BT.t()), 0, noise)
+        adaptive = hasattr(self, "io")
+        e_TBD = self.io.embed(x_BT.t()) if adaptive else self.embedding(x_BT.t())
+        h_TBD = self._drop(e_TBD, 0, noise)
         last = []
         for i, cell in enumerate(self.rnn):
             h0 = tuple(s[i : i + 1] for s in state)
             h_TBD, hn = self._cell(cell, i, h_TBD, h0 if self.kind == "lstm" else h0[0], noise)
             last.append(hn if self.kind == "lstm" else (hn,))
             h_TBD = self._drop(h_TBD, i + 1, noise)
-        logits_TBV = self.dense(h_TBD)
-        return logits_TBV, tuple(torch.cat(parts) for parts in zip(*last))
+        state = tuple(torch.cat(parts) for parts in zip(*last))
+        if not adaptive:
+            logits_TBV = self.dense(h_TBD)
+            return (logits_TBV if targets is None else nll(logits_TBV, targets)), state
+        T, B, _ = h_TBD.shape
+        h_ND = h_TBD.flatten(0, 1)
+        if targets is None:
+            return self.io.log_prob(h_ND).view(T, B, -1), state
+        return self.io.nll(h_ND, targets.t().reshape(-1), IGNORE), state
 
     def _drop(self, h_TBD: torch.Tensor, site: int, noise: Noise | None) -> torch.Tensor:
         if not (self.training and self.dropout):
@@ -189,6 +211,13 @@ def _stacked_to_per_layer(module, state_dict, prefix, *args) -> None:
             state_dict[f"{prefix}rnn.{layer}.{name}_l0"] = state_dict.pop(key)
 
 
+def nll(logits_TBV: torch.Tensor, y_BT: torch.Tensor) -> torch.Tensor:
+    """-log p(target) per target, time-major (N = T * B), 0 where the target is IGNORE."""
+    return cross_entropy(
+        logits_TBV.flatten(0, 1), y_BT.t().reshape(-1), ignore_index=IGNORE, reduction="none"
+    )
+
+
 def build_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
     if cfg.kind == "rnn_scratch":
         ignored = [
@@ -199,6 +228,7 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
                 ("weight_drop", cfg.weight_drop),
                 ("embedding_size", cfg.embedding_size),
                 ("tie_weights", cfg.tie_weights),
+                ("adaptive_cutoffs", cfg.adaptive_cutoffs),
             )
             if v and not (k == "num_layers" and v == 1)
         ]
@@ -209,6 +239,13 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
                 stacklevel=2,
             )
         return ScratchRNN(vocab_size, cfg.hidden_size, cfg.init_std)
+    cutoffs = [c for c in cfg.adaptive_cutoffs if c < vocab_size]
+    if len(cutoffs) < len(cfg.adaptive_cutoffs):  # any config runs on any text
+        warnings.warn(
+            f"model.adaptive_cutoffs={cfg.adaptive_cutoffs}: the vocabulary has {vocab_size} "
+            f"characters, so the clusters start at {cutoffs} only",
+            stacklevel=2,
+        )
     return TorchRNN(
         cfg.kind,
         vocab_size,
@@ -219,6 +256,8 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
         cfg.tie_weights,
         cfg.dropout_kind,
         cfg.weight_drop,
+        tuple(cutoffs),
+        cfg.adaptive_div,
     )
 
 

@@ -19,24 +19,53 @@ def build_optimizer(cfg, model: torch.nn.Module, amp_mode: str = "off") -> torch
     return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, **fused)
 
 
-def lr_at(cfg, step: int, total_steps: int) -> float:
+def lr_at(cfg, step: int, plans) -> float:
     """Linear warmup, then constant or cosine decay to lr * min_lr_ratio; a pure function of
-    the step, so resuming needs no scheduler state. total_steps = 0: the horizon is not known
-    yet (a time budget still measuring), so the peak."""
+    the step and the schedule's plans (see cosine_progress; an int is one plan spanning that
+    many steps), so resuming needs no scheduler state. No plan yet (a time budget still
+    measuring): the peak."""
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant" or total_steps <= cfg.warmup_steps:
+    plans = [(0, plans)] if isinstance(plans, int) else plans
+    if cfg.schedule == "constant" or not plans:
         return cfg.lr
-    frac = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    frac = cosine_progress(step, cfg.warmup_steps, plans)
     return cfg.lr * (
         cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
     )
+
+
+def cosine_progress(step: int, warmup: int, plans) -> float:
+    """The fraction of the cosine done at `step`. Plans [(from_step, horizon), ...]: from its
+    step on, each plan takes the curve from where it stands (0 before warm-up ends) to its
+    end at `horizon`. One plan (0, H) is the plain cosine from warm-up to H; a time budget
+    appends a plan each time it re-aims the rest of the curve."""
+    done = 0.0
+    for i, (at, horizon) in enumerate(plans):
+        start = max(at, warmup)
+
+        def frac(s: int, start=start, horizon=horizon, done=done) -> float:
+            if horizon <= start:  # nothing left to span: hold
+                return done
+            return min(1.0, done + (1 - done) * max(0, s - start) / (horizon - start))
+
+        if i + 1 == len(plans) or step < plans[i + 1][0]:
+            return frac(step)
+        done = frac(plans[i + 1][0])
+    return done
 
 
 def schedule_steps(tcfg, epoch_size: int) -> int:
     """Steps the LR schedule spans: its own key, so that a run stopped by train.max_steps and
     continued with a larger one can keep one cosine curve (set it to the final length)."""
     return tcfg.schedule_steps or tcfg.max_steps or tcfg.epochs * epoch_size
+
+
+def schedule_plans(tcfg, epoch_size: int) -> list[tuple[int, int]]:
+    """The time budget's plans (train.schedule_plans), else one plan over schedule_steps."""
+    if tcfg.schedule_plans:
+        return [(int(at), int(h)) for at, h in tcfg.schedule_plans]
+    return [(0, schedule_steps(tcfg, epoch_size))]
 
 
 def warn_schedule_change(saved_train: dict, tcfg, epoch_size: int, log) -> None:

@@ -21,8 +21,7 @@ import numpy as np
 import torch
 
 from .data import DataError
-
-IGNORE = -100  # target id that cross_entropy skips (padding of validation rows)
+from .loss import IGNORE
 
 
 def local_batch(batch_size: int, world_size: int) -> int:

@@ -30,14 +30,20 @@ from .budget import TimeBudget
 from .config import Config, ConfigError
 from .corpus import load_corpus
 from .generate import PrefixError, generate
-from .loss import cross_entropy
+from .loss import IGNORE
 from .metrics import LN2, Progress, RunLogger, TrainAccumulator, perplexity
 from .model import State, build_model
 from .noise import Noise
-from .optim import build_optimizer, clip_grad_global, lr_at, schedule_steps, warn_schedule_change
+from .optim import (
+    build_optimizer,
+    clip_grad_global,
+    lr_at,
+    schedule_plans,
+    warn_schedule_change,
+)
 from .state import TrainState, carried
 from .stopper import Stopper
-from .streams import IGNORE, EvalStreams, make_train_streams
+from .streams import EvalStreams, make_train_streams
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: saved after SIGTERM/SIGUSR1; launch/slurm.sbatch requeues
 
@@ -49,19 +55,12 @@ class Preempted(Exception):
 # ---------------------------------------------------------------- one step, one evaluation
 
 
-def lm_loss(logits_TBV: torch.Tensor, y_BT: torch.Tensor, reduction: str = "mean"):
-    """Mean (or summed) cross-entropy, accumulated in fp32 whatever the logits' dtype."""
-    return cross_entropy(
-        logits_TBV.flatten(0, 1), y_BT.t().reshape(-1), ignore_index=IGNORE, reduction=reduction
-    )
-
-
 def train_step(
     train_model, params, x_BT, y_BT, state: State, optimizer, amp: Amp, clip: float, noise=None
 ):
     with amp.autocast():
-        logits_TBV, state = train_model(x_BT, state, noise)
-    loss = lm_loss(logits_TBV, y_BT)
+        nll_N, state = train_model(x_BT, state, noise, y_BT)
+    loss = nll_N.mean()  # accumulated in fp32 whatever the compute dtype (pipeline.loss)
     optimizer.zero_grad(set_to_none=True)
     amp.scaler.scale(loss).backward()
     amp.scaler.unscale_(optimizer)
@@ -79,8 +78,8 @@ def evaluate(model, streams: EvalStreams, amp: Amp, device) -> dict:
     sums = torch.zeros(2, dtype=torch.float64, device=device)
     for x_BT, y_BT in streams:
         with amp.autocast():
-            logits_TBV, state = model(x_BT, state)
-        sums[0] += lm_loss(logits_TBV, y_BT, reduction="sum").double()
+            nll_N, state = model(x_BT, state, None, y_BT)
+        sums[0] += nll_N.double().sum()
         sums[1] += (y_BT != IGNORE).sum()
     model.train()
     loss_sum, count = dist.all_reduce_sum(sums).tolist()
@@ -199,26 +198,30 @@ class Trainer:
         self.params = list(self.model.parameters())
         self.amp = Amp(tcfg.amp, ctx.device)
         self.optimizer = build_optimizer(tcfg, self.model, self.amp.mode)
-        self.state = self._resume()
+        # A time budget plans the LR horizon unless the config gives it (a rerun of a budget
+        # run's config.yaml); the cap stays the user's even when a resume adopts the plans.
+        budget = tcfg.time_budget if not (tcfg.schedule_steps or tcfg.schedule_plans) else 0
+        self.cap = tcfg.max_steps or tcfg.epochs * self.streams.epoch_size
+        self.state = self._resume(budget > 0)
         self.train_model = DDP(self.model) if ctx.distributed else self.model  # after loading
         if tcfg.compile:
             self.train_model = torch.compile(self.train_model)
         self.first_stream = ctx.rank * self.streams.b  # global index of this rank's row 0
         self.total_steps = tcfg.max_steps or tcfg.epochs * self.streams.epoch_size
-        self.lr_steps = schedule_steps(tcfg, self.streams.epoch_size)
+        planned = not budget or tcfg.schedule_plans  # else the peak until the first plan
+        self.plans = schedule_plans(tcfg, self.streams.epoch_size) if planned else []
         self.log_when = Every(tcfg.log_every, 1)
         self.eval_when = Every(tcfg.eval_every, tcfg.eval_every_epochs)
         self.save_when = Every(tcfg.checkpoint_every)
-        seconds = 0 if tcfg.schedule_steps else tcfg.time_budget  # a horizon given: no budget
-        self.budget = TimeBudget(seconds, self.state.step, tcfg.warmup_steps)
-        self.last_save_s = 0.0
+        self.budget = TimeBudget(budget, self.state.step, tcfg.warmup_steps)
         self.val_step = -1
         self._open_run_dir()
         self.last_train: dict = {}
         self.last_val: dict = {}
 
-    def _resume(self) -> TrainState:
-        """Load the checkpoint to go on from (if any) into model, optimizer and scaler."""
+    def _resume(self, budget: bool) -> TrainState:
+        """Load the checkpoint to go on from (if any) into model, optimizer and scaler; a
+        budget run goes on with the saved LR plans (and plans again with what is left)."""
         tcfg, run_dir = self.cfg.train, self.run_dir
         if self.ctx.is_main and tcfg.resume == "never" and self.cfg.run.overwrite:
             for p in ckpt.candidates(run_dir) + [ckpt.checkpoint_dir(run_dir) / "best.pt"]:
@@ -244,9 +247,10 @@ class Trainer:
                 f"minibatches an epoch: the corpus changed; use another run.dir or "
                 f"train.resume=never"
             )
-        resolved = saved["config"]["train"].get("schedule_steps", 0)
-        if tcfg.time_budget and not tcfg.schedule_steps and resolved:
-            tcfg.schedule_steps = resolved  # the budget's horizon, fixed before the stop
+        was = saved["config"]["train"]
+        if budget and was.get("schedule_plans"):
+            tcfg.schedule_plans = was["schedule_plans"]
+            tcfg.schedule_steps, tcfg.max_steps = was["schedule_steps"], was["max_steps"]
             self.cfg_dict = config_mod.to_dict(self.cfg)
         warn_schedule_change(saved["config"]["train"], tcfg, self.streams.epoch_size, self.log)
         self.log(
@@ -299,7 +303,7 @@ class Trainer:
                 x_BT, y_BT = streams.batch(s.epoch, s.batch)
                 hidden = carried(s, self.model, streams.b, random, self.ctx.device)
                 for group in self.optimizer.param_groups:
-                    group["lr"] = lr_at(tcfg, s.step, self.lr_steps)
+                    group["lr"] = lr_at(tcfg, s.step, self.plans)
                 noise = Noise(tcfg.seed, s.step, self.first_stream)
                 loss, norm, s.hidden = train_step(
                     self.train_model, self.params, x_BT, y_BT, hidden, self.optimizer,
@@ -334,30 +338,33 @@ class Trainer:
 
     def spend_budget(self) -> None:
         """Collective, at steps every rank knows: agree on the pace of a step (the probe),
-        later fix the LR horizon that ends the schedule at the time budget."""
+        later plan (and re-plan) the LR horizon that ends the schedule at the time budget."""
         b, s, tcfg = self.budget, self.state, self.cfg.train
         if b.due(s.step) == "probe":
-            b.plan(dist.max_over_ranks([b.step_seconds()])[0])
+            b.after_probe(dist.max_over_ranks([b.step_seconds()])[0])
             return
-        began = time.monotonic()
-        self.validate()  # this step's evaluation, timed (samples and best.pt included)
-        step_s, eval_s, save_s = dist.max_over_ranks(
-            [b.step_seconds(), time.monotonic() - began, self.last_save_s]
+        if not b.evals:
+            self.validate()  # this step's evaluation, timed: samples and best.pt included
+        step_s, eval_s, save_s, elapsed = dist.max_over_ranks(
+            [b.step_seconds(), *b.costs(), self.elapsed()]
         )
         every_eval = tcfg.eval_every or tcfg.eval_every_epochs * self.streams.epoch_size
-        horizon = b.horizon(
-            s.step, self.elapsed(), step_s, eval_s, save_s, every_eval,
-            tcfg.checkpoint_every, cap=self.total_steps,
+        horizon = b.plan(
+            s.step, elapsed, step_s, eval_s, save_s, every_eval, tcfg.checkpoint_every,
+            self.cap,
         )  # fmt: skip
-        self.total_steps = self.lr_steps = tcfg.schedule_steps = horizon
+        self.plans.append((s.step, horizon))
+        # config.yaml then reruns this run: the same curve to the same end, nothing measured
+        tcfg.schedule_plans = [list(p) for p in self.plans]
+        self.total_steps = tcfg.schedule_steps = tcfg.max_steps = horizon
         self.cfg_dict = config_mod.to_dict(self.cfg)
         if self.ctx.is_main:
             (self.run_dir / "config.yaml").write_text(config_mod.dump(self.cfg), encoding="utf-8")
         self.progress.set_total(horizon)
         self.log(
-            f"time budget {tcfg.time_budget:g} s: {step_s * 1e3:.1f} ms a step, "
-            f"{eval_s:.2f} s an evaluation, {save_s:.2f} s a save (slowest rank) -> the "
-            f"LR schedule spans {horizon} steps (train.schedule_steps in config.yaml)"
+            f"time budget {tcfg.time_budget:g} s, {elapsed:.0f} s spent: {step_s * 1e3:.1f} ms "
+            f"a step, {eval_s:.2f} s an evaluation, {save_s:.2f} s a save (slowest rank) -> "
+            f"the LR schedule ends at step {horizon} (train.schedule_steps in config.yaml)"
         )
 
     def log_train(self, acc: TrainAccumulator) -> None:
@@ -386,7 +393,7 @@ class Trainer:
         s = self.state
         if self.val_step == s.step:  # the time budget evaluated this step already
             return
-        self.val_step = s.step
+        self.val_step, began = s.step, time.monotonic()
         if self.valid is not None:
             v = evaluate(self.model, self.valid, self.amp, self.ctx.device)
             self.last_val = {"val/loss": v["loss"], "val/perplexity": v["perplexity"]}
@@ -402,6 +409,7 @@ class Trainer:
                 self.save("best.pt")
         if self.ctx.is_main and self.cfg.generate.prefixes:
             self.logger.samples(s.step, self._samples())
+        self.budget.evals.append(time.monotonic() - began)
 
     def _samples(self) -> list[tuple[str, str]]:
         g, rows = self.cfg.generate, []
@@ -452,7 +460,8 @@ class Trainer:
             else:
                 ckpt.save_atomic(state, cdir / name)
         dist.barrier()
-        self.last_save_s = time.monotonic() - began
+        if name != "best.pt":  # best.pt is part of an evaluation's time
+            self.budget.saves.append(time.monotonic() - began)
 
     def finish(self, reason: str) -> dict:
         s = self.state

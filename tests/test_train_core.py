@@ -232,8 +232,8 @@ def test_state_carried_within_epoch_reset_at_epoch_start(tmp_path, monkeypatch, 
         model = real_build(model_cfg, vocab_size)
         forward = model.forward
 
-        def spy(x, state, noise=None):
-            logits, new = forward(x, state, noise)
+        def spy(x, state, noise=None, targets=None):
+            logits, new = forward(x, state, noise, targets)
             calls.append(
                 (
                     [s.clone() for s in state],

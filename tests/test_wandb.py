@@ -392,7 +392,7 @@ def test_sweep_trial_runs_the_command_the_agent_builds(tmp_path):
     for chunk in create_sweep_command(list(sweep["command"])):
         whole = chunk.startswith("${") and chunk.endswith("}") and chunk[2:-1] in macros
         command += macros[chunk[2:-1]] if whole else [chunk]
-    assert "train.lr=0.002" in command and "model.dropout_kind=standard" in command
+    assert "train.lr=0.005" in command and "model.dropout_kind=standard" in command
     short = ["train.time_budget=4", "data.max_chars=30000", "model.hidden_size=32"]
     short += ["model.num_layers=1", "eval.batch_size=4", "generate.prefixes=[]"]
     run_dir = ROOT / "runs" / "sweep_songci_cpu" / run_id
@@ -406,8 +406,8 @@ def test_sweep_trial_runs_the_command_the_agent_builds(tmp_path):
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         saved = load_ckpt(run_dir)
         assert saved["wandb_run_id"] == run_id
-        assert saved["config"]["train"]["lr"] == 0.002
-        assert saved["config"]["train"]["batch_size"] == 16
+        assert saved["config"]["train"]["lr"] == 0.005
+        assert saved["config"]["train"]["batch_size"] == 32
         assert saved["config"]["model"]["hidden_size"] == 32  # the appended override wins
         assert saved["config"]["train"]["schedule_steps"] > 0  # the budget fixed the horizon
         (wandb_file,) = wandb_files(tmp_path / "wandb")
