@@ -54,7 +54,7 @@ def main() -> int:
         for amp in ("off", "bf16")
     }
     rates: dict[tuple, list[float]] = {k: [] for k in runs}
-    for r in range(args.rounds):
+    for _ in range(args.rounds):
         for key, (model, opt, amp, x, y) in runs.items():
             params, state = list(model.parameters()), model.init_state(x.shape[0], "cpu")
             train_step(model, params, x, y, state, opt, amp, 1.0, Noise(0, 0))
