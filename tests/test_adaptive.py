@@ -69,6 +69,7 @@ def test_model_nll_path_equals_its_log_probabilities(kind):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.slow
 def test_training_with_an_adaptive_output_learns(tmp_path):
     """The jaychou text with cutoffs: the loss falls and the checkpoint reloads for eval."""
     run_dir = tmp_path / "run"

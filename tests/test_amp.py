@@ -105,6 +105,7 @@ def test_fp16_overflow_skips_step_and_halves_scale():
 # ---------------------------------------------------------------- bf16 convergence (real CLI)
 
 
+@pytest.mark.slow
 def test_bf16_autocast_run_converges_as_fp32_does(tmp_path):
     """Settings that converge in fp32 as well (Adam lr 0.01, clip 1): on any CPU (bf16 is
     emulated where it is not native, only slower), the bf16 run learns the text like the fp32
@@ -220,6 +221,7 @@ def _spawn(body, world: int = 2) -> list:
     return sorted(queue.get() for _ in range(world))
 
 
+@pytest.mark.slow
 def test_inf_step_skipped_on_every_rank():
     results = _spawn(_body_inf)
     for rank, unchanged, finite, scale, skipped in results:
@@ -230,6 +232,7 @@ def test_inf_step_skipped_on_every_rank():
     assert len({r[3] for r in results}) == 1  # scales agree
 
 
+@pytest.mark.slow
 def test_reported_grad_norm_is_norm_of_all_reduced_grads():
     results = _spawn(_body_norm)
     hand = results[0][1]

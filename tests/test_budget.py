@@ -89,6 +89,7 @@ def budget_run(tmp_path_factory):
     return run_dir, proc
 
 
+@pytest.mark.slow
 def test_trains_for_the_budget_and_the_cosine_ends_at_the_stop(budget_run):
     run_dir, proc = budget_run
     resolved = yaml.safe_load((run_dir / "config.yaml").read_text())["train"]
@@ -109,6 +110,7 @@ def test_trains_for_the_budget_and_the_cosine_ends_at_the_stop(budget_run):
     assert frac > 0.99, last["opt/lr"]
 
 
+@pytest.mark.slow
 def test_a_rerun_of_the_resolved_config_repeats_the_run(budget_run, tmp_path, capsys):
     """config.yaml holds the plans: nothing is measured, the LR curve is the same."""
     run_dir, _ = budget_run
@@ -119,6 +121,7 @@ def test_a_rerun_of_the_resolved_config_repeats_the_run(budget_run, tmp_path, ca
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_a_resume_continues_the_curve_and_the_budget(tmp_path, capsys):
     """Stopped by train.time_limit halfway, resumed without a limit: the saved plans go on (a
     prefix of the final ones), the budget re-plans with what is left, and the run ends at

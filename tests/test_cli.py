@@ -35,6 +35,7 @@ def trained(tmp_path_factory):
     return run_dir, overrides, proc
 
 
+@pytest.mark.slow
 def test_train_writes_the_run_directory(trained):
     run_dir, overrides, proc = trained
     # config.yaml: the resolved config, YAML < command line
@@ -71,6 +72,7 @@ def test_train_writes_the_run_directory(trained):
     assert set(state["model"]) == {"W_xh", "W_hh", "b_h", "W_hq", "b_q"}
 
 
+@pytest.mark.slow
 def test_generate_from_the_checkpoint(trained):
     run_dir, _, _ = trained
     ckpt = str(run_dir / "checkpoints" / "last.pt")
@@ -114,6 +116,7 @@ def test_cuda_requested_without_cuda_exits_2(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_checkpoint_holds_no_code(trained):
     """weights_only loading refuses pickled objects; ours loads, so it holds only data."""
     run_dir, _, _ = trained

@@ -27,6 +27,7 @@ def two_runs(tmp_path_factory):
     return tmp, dirs
 
 
+@pytest.mark.slow
 def test_compare_prints_table_and_writes_png(two_runs):
     tmp, dirs = two_runs
     png = tmp / "compare.png"
@@ -54,6 +55,7 @@ def test_compare_prints_table_and_writes_png(two_runs):
     assert 10_000 < len(data) < 5_000_000
 
 
+@pytest.mark.slow
 def test_compare_rejects_a_directory_without_metrics(two_runs, tmp_path):
     _, dirs = two_runs
     (tmp_path / "empty").mkdir()

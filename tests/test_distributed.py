@@ -97,6 +97,7 @@ def by_step(rows: list[dict], key: str) -> dict[int, float]:
 # ---------------------------------------------------------------- world-size invariance
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,sampling", CASES)
 def test_two_ranks_match_one_process(trained, kind, sampling):
     one, two = trained(kind, sampling, "one"), trained(kind, sampling, "torchrun2")
@@ -119,6 +120,7 @@ def test_two_ranks_match_one_process(trained, kind, sampling):
             assert sb[step] == pytest.approx(sa[step], rel=1e-5), (key, step)
 
 
+@pytest.mark.slow
 def test_two_nodes_match_one_process(trained):
     one = trained("rnn_scratch", "consecutive", "one")
     nodes = trained("rnn_scratch", "consecutive", "two_nodes")
@@ -136,6 +138,7 @@ def _forward_state(model, params: dict, x_BT, state):
         return model(x_BT, state)[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rank", [0, 1])
 def test_each_rank_carries_its_own_state_and_resets_per_epoch(trained, rank):
     """The 2-rank run saved a checkpoint after every step: parameters after step t and the
@@ -219,6 +222,7 @@ def _assert_fails_fast(proc, started: float, needle: str) -> None:
         (1, "world size 2 is larger than train.batch_size=1"),
     ],
 )
+@pytest.mark.slow
 def test_bad_world_size_is_a_clear_error(tmp_path, batch, needle):
     started = time.monotonic()
     proc = torchrun(
@@ -247,6 +251,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_rank_dying_at_startup_stops_the_job(tmp_path):
     """Rank 0 blocks in its first collective; torchrun sees rank 1 fail, stops rank 0 and
     exits non-zero well before any collective timeout."""
@@ -329,6 +334,7 @@ if "LOCAL_RANK" in os.environ:
 """
 
 
+@pytest.mark.slow
 def test_torchrun_ranks_leave_without_the_teardown(tmp_path):
     """`torchrun -m pipeline train` ends its ranks through dist.leave: exit status 0, the
     final log line out, and no rank runs the interpreter's teardown."""

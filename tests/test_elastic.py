@@ -36,6 +36,8 @@ from conftest import (
 
 from pipeline.__main__ import main
 
+pytestmark = pytest.mark.slow  # every test here runs torchrun jobs
+
 K = 160  # steps of every run here; epochs of 37 minibatches (data.max_chars=1200)
 KILL_AFTER = 10  # SIGKILL a worker once the periodic checkpoint of this step exists
 BASE = [

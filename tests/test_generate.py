@@ -190,6 +190,7 @@ def checkpoint(tmp_path):
     return path, model
 
 
+@pytest.mark.slow
 def test_cli_generate_greedy_and_seeded_sampling(checkpoint):
     path, model = checkpoint
     greedy = run_cli(

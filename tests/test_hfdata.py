@@ -150,6 +150,7 @@ def test_damaged_cache_is_detected_and_rebuilt(prepared, tmp_path, damage, capsy
         assert np.array_equal(rebuilt.splits[split], ids)
 
 
+@pytest.mark.slow
 def test_two_ranks_train_on_prepared_songci(hf_home, tmp_path):
     run_dir, cache = tmp_path / "run", tmp_path / "cache"
     args = [

@@ -56,6 +56,7 @@ def hand_loss(model, ids) -> float:
     return F.cross_entropy(logits_TBV[:, 0], y, reduction="mean").item()
 
 
+@pytest.mark.slow
 def test_eval_command_equals_loss_by_hand(trained):
     state = load_ckpt(trained)
     cfg = config.from_dict(state["config"])
@@ -83,6 +84,7 @@ def test_eval_command_equals_loss_by_hand(trained):
     assert got["bpc"] == pytest.approx(got["loss"] / math.log(2), rel=1e-9)
 
 
+@pytest.mark.slow
 def test_eval_unknown_split_is_a_clear_error(trained):
     out = run_cli(
         [
@@ -100,6 +102,7 @@ def test_eval_unknown_split_is_a_clear_error(trained):
     assert "split 'test'" in out.stderr
 
 
+@pytest.mark.slow
 def test_best_checkpoint_has_lowest_validation_loss(trained):
     events = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
     val = [(e["step"], e["val/loss"]) for e in events if "val/loss" in e]
@@ -158,6 +161,7 @@ def gpu_recipes(*names: str, **env) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_gpu_recipes_script_trains_and_evaluates_best(tmp_path):
     """launch/gpu_recipes.sh end to end on the CPU at a tiny size: torchrun training, then
     `pipeline eval` of best.pt on validation and test; the validation loss it reports is the

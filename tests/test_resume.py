@@ -110,6 +110,7 @@ def test_damaged_last_falls_back_to_newest_good_and_says_so(straight, tmp_path, 
     assert_same_params(load_ckpt(tmp_path), straight("consecutive"))
 
 
+@pytest.mark.slow
 def test_sigterm_saves_exits_75_and_resumes_exactly(straight, tmp_path, capsys):
     """Preemption of a real process; with dropout, so the saved RNG matters too."""
     case = CASES["consecutive_dropout"]

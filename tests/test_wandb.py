@@ -73,6 +73,7 @@ def offline_run(tmp_path_factory):
     return run_dir, wandb_dir, proc
 
 
+@pytest.mark.slow
 def test_offline_run_holds_config_and_final_summary(offline_run):
     run_dir, wandb_dir, _ = offline_run
     files = wandb_files(wandb_dir)
@@ -97,6 +98,7 @@ def test_offline_run_holds_config_and_final_summary(offline_run):
     assert any(k.startswith("samples") for k in summary)  # the wandb.Table of samples
 
 
+@pytest.mark.slow
 def test_api_key_never_written(offline_run):
     run_dir, wandb_dir, proc = offline_run
     assert FAKE_KEY not in proc.stdout + proc.stderr
@@ -106,6 +108,7 @@ def test_api_key_never_written(offline_run):
         assert FAKE_KEY.encode() not in p.read_bytes(), p
 
 
+@pytest.mark.slow
 def test_progress_prints_a_line_per_log_interval(offline_run):
     _, _, proc = offline_run
     lines = [ln for ln in proc.stdout.splitlines() if "train perplexity" in ln]
@@ -137,6 +140,7 @@ def test_progress_auto_is_lines_off_a_tty_and_a_bar_on_one(monkeypatch, capsys):
     assert sys.stdout.getvalue() == ""  # no plain lines next to the bar
 
 
+@pytest.mark.slow
 def test_disabled_writes_nothing_to_wandb_dir(tmp_path):
     wandb_dir = tmp_path / "wandb"
     run_cli(
@@ -169,6 +173,7 @@ def test_auto_mode_is_offline_without_credentials(tmp_path, monkeypatch):
     assert wandb_mode("disabled") == "disabled"
 
 
+@pytest.mark.slow
 def test_two_ranks_auto_without_credentials_make_one_offline_run(tmp_path):
     run_dir, wandb_dir = tmp_path / "run", tmp_path / "wandb"
     env = wandb_env(wandb_dir, HOME=tmp_path, NETRC=tmp_path / "no-netrc")
@@ -214,6 +219,7 @@ sys.exit(cli.main())
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flush", ["lost", "flushed"])
 def test_resume_after_kill_continues_one_run_without_gaps(tmp_path, flush):
     """Checkpoint at 5, killed after logging 8. `lost`: wandb's file had not been flushed
@@ -288,6 +294,7 @@ sys.exit(cli.main())
 """
 
 
+@pytest.mark.slow
 def test_kill_during_a_save_sends_no_step_that_the_resume_redoes(tmp_path):
     """Events wait until their checkpoint is on disk: killed while saving step 10, wandb holds
     1..5 (the last checkpoint), not 6..10, which the resume from step 5 logs again; the
@@ -335,6 +342,7 @@ sys.exit(cli.main())
 """
 
 
+@pytest.mark.slow
 def test_elastic_restart_without_checkpoint_keeps_history_and_run(tmp_path):
     """No checkpoint to resume from: the restarted worker trains again from step 0 (the same
     steps, exactly), keeps metrics.jsonl and the wandb run, and logs no step twice."""
@@ -364,6 +372,7 @@ def test_elastic_restart_without_checkpoint_keeps_history_and_run(tmp_path):
     assert [e["step"] for e in rows if "train/loss" in e] == list(range(1, 13))
 
 
+@pytest.mark.slow
 def test_sweep_trial_runs_the_command_the_agent_builds(tmp_path):
     """configs/sweep_songci_cpu.yaml: the command `wandb agent` would run for one trial, built
     with wandb's own sweep-command helpers and its macro expansion, runs (offline, shortened
