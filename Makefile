@@ -31,6 +31,7 @@ test-fast: install
 
 bench: install
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m bench.run $(ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m bench.masks --write
 
 bench-quality: install
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m bench.quality $(ARGS)

@@ -1,7 +1,8 @@
 """What world-size-invariant dropout costs (CPU): the counter-based masks of pipeline/noise.py
 against torch's own dropout (not invariant) and against slicing a global mask drawn from a
 generator seeded per step (invariant, but W times the random numbers on each rank); then a
-whole training step of the CPU songci recipe with and without its dropout.
+whole training step at the chapter's size and at the CPU songci recipe's, with our masks,
+with torch-generator masks (the old way) and without dropout. `make bench` runs it.
 
     python -m bench.masks            # prints a table; --write adds it to docs/benchmarks.md
 
@@ -60,62 +61,109 @@ def per_site(rounds: int, reps: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def step_overhead(rounds: int, steps: int) -> dict[str, float]:
-    """Milliseconds per training step of configs/songci_cpu.yaml (fp32, random ids) with its
-    locked dropout, with standard dropout at the same rate, and without dropout."""
+class TorchRNGNoise(Noise):
+    """The masks as they were before: drawn from torch's generator (bernoulli_, what
+    F.dropout does), not world-size invariant. Here only to price ours against."""
+
+    def dropout_mask(self, site, p, shape_TBD, locked, device, dtype):
+        T, B, D = shape_TBD
+        shape = (1, B, D) if locked else (T, B, D)
+        return torch.empty(shape, device=device, dtype=dtype).bernoulli_(1 - p) / (1 - p)
+
+
+STEP_SETUPS = (  # (label, config, vocabulary, overrides): the chapter's size and the recipe's
+    (
+        "configs/jaychou.yaml at the chapter's size (LSTM 256 x 2, batch 32 x 35, dropout 0.5)",
+        "configs/jaychou.yaml",
+        1027,
+        ["train.batch_size=32"],
+    ),
+    (
+        "configs/songci_cpu.yaml (LSTM 256 x 2, adaptive, batch 128 x 35, locked dropout 0.05)",
+        "configs/songci_cpu.yaml",
+        6635,
+        [],
+    ),
+)
+MASKS = (
+    ("counter hash (ours)", Noise, []),
+    ("torch generator", TorchRNGNoise, []),
+    ("no dropout", Noise, ["model.dropout=0"]),
+)
+
+
+def step_overhead(rounds: int, steps: int) -> dict[tuple[str, str], float]:
+    """Milliseconds per fp32 training step (random ids) of each STEP_SETUPS config with our
+    masks, with torch-generator masks at the same sites and rates, and without dropout."""
     from pipeline import config
     from pipeline.amp import Amp
     from pipeline.model import build_model
     from pipeline.optim import build_optimizer
     from pipeline.train import train_step
 
-    vocab = 6635
     setups = {}
-    for name, extra in (
-        ("locked dropout 0.05 (the recipe)", []),
-        ("standard dropout 0.05", ["model.dropout_kind=standard"]),
-        ("dropout 0", ["model.dropout=0"]),
-    ):
-        cfg = config.load(str(ROOT / "configs/songci_cpu.yaml"), ["train.amp=off", *extra])
-        torch.manual_seed(0)
-        model = build_model(cfg.model, vocab)
-        amp = Amp("off", torch.device("cpu"))
-        opt = build_optimizer(cfg.train, model, "off")
-        b, t = cfg.train.batch_size, cfg.train.num_steps
-        x, y = torch.randint(0, vocab, (b, t)), torch.randint(0, vocab, (b, t))
-        setups[name] = (model, opt, amp, x, y, cfg)
-    times: dict[str, list[float]] = {k: [] for k in setups}
+    for label, path, vocab, extra in STEP_SETUPS:
+        for mask, noise_cls, more in MASKS:
+            cfg = config.load(str(ROOT / path), ["train.amp=off", *extra, *more])
+            torch.manual_seed(0)
+            model = build_model(cfg.model, vocab)
+            opt = build_optimizer(cfg.train, model, "off")
+            b, t = cfg.train.batch_size, cfg.train.num_steps
+            x, y = torch.randint(0, vocab, (b, t)), torch.randint(0, vocab, (b, t))
+            setups[label, mask] = (model, opt, Amp("off", torch.device("cpu")), x, y, noise_cls)
+    times: dict[tuple[str, str], list[float]] = {k: [] for k in setups}
     for r in range(rounds):
-        for name, (model, opt, amp, x, y, _cfg) in setups.items():
+        for key, (model, opt, amp, x, y, noise_cls) in setups.items():
             params, state = list(model.parameters()), model.init_state(x.shape[0], "cpu")
-            train_step(model, params, x, y, state, opt, amp, 1.0, Noise(0, 0))
+            train_step(model, params, x, y, state, opt, amp, 1.0, noise_cls(0, 0))
             t0 = time.perf_counter()
             for i in range(steps):
-                train_step(model, params, x, y, state, opt, amp, 1.0, Noise(0, r * steps + i))
-            times[name].append((time.perf_counter() - t0) / steps * 1e3)
+                noise = noise_cls(0, r * steps + i)
+                train_step(model, params, x, y, state, opt, amp, 1.0, noise)
+            times[key].append((time.perf_counter() - t0) / steps * 1e3)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def step_table(steps: dict[tuple[str, str], float]) -> list[str]:
+    rows = [
+        "| config | "
+        + " | ".join(f"{m} ms" for m, _, _ in MASKS)
+        + " | ours vs torch generator | ours vs no dropout |",
+        "|---|" + "---:|" * (len(MASKS) + 2),
+    ]
+    for label, *_ in STEP_SETUPS:
+        ours, torch_rng, none = (steps[label, m] for m, _, _ in MASKS)
+        rows.append(
+            f"| {label} | {ours:.1f} | {torch_rng:.1f} | {none:.1f} | "
+            f"{(ours / torch_rng - 1) * 100:+.1f}% | {(ours / none - 1) * 100:+.1f}% |"
+        )
+    return rows
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 1)))
     sites = per_site(args.rounds, 50)
     steps = step_overhead(args.rounds, 10)
+    from bench.run import machine
+
+    m = machine()
     lines = [
+        f"Machine: {m['cpu']}, {m['cores']} cores, avx512_bf16={m['avx512_bf16']}, "
+        f"AMX={m['amx']}; torch {m['torch']}; load average {m['load_average_at_start']:.1f} "
+        f"at start (shared machine). {time.strftime('%Y-%m-%d %H:%M')}.\n",
         f"One dropout site, (T, B, D) = {SHAPE}, p = 0.3, {torch.get_num_threads()} thread(s), "
         f"median of {args.rounds} alternating rounds:\n",
         "| masks | ms a site |",
         "|---|---:|",
         *(f"| {k} | {v:.2f} |" for k, v in sites.items()),
         "",
-        "A training step of configs/songci_cpu.yaml (fp32; 2-layer LSTM 256, adaptive tied "
-        "output, batch 128 x 35; dropout at 3 sites):\n",
-        "| step | ms |",
-        "|---|---:|",
-        *(f"| {k} | {v:.1f} |" for k, v in steps.items()),
+        f"A training step, fp32, {torch.get_num_threads()} thread(s), median of {args.rounds} "
+        "alternating rounds of 10 steps; the masks at the same sites and rates:\n",
+        *step_table(steps),
     ]
     text = "\n".join(lines)
     print(text)

@@ -200,6 +200,35 @@ def test_two_ranks_auto_without_credentials_make_one_offline_run(tmp_path):
 
 # Kills itself (SIGKILL, nothing flushed) right after logging step KILL_AT; with
 # WAIT_SYNCED it first waits until wandb's file holds the checkpoint's step.
+
+
+def kill_args(run_dir: Path, *extra: str) -> list[str]:
+    """The CLI arguments of the kill-and-resume tests: 12 steps, a checkpoint every 5."""
+    return [
+        "train",
+        f"run.dir={run_dir}",
+        *TINY,
+        "train.max_steps=12",
+        "train.log_every=1",
+        "train.checkpoint_every=5",
+        *extra,
+        "logging.wandb.mode=offline",
+    ]
+
+
+def run_killed(script: str, args: list[str], env: dict) -> None:
+    """`python -c SCRIPT ARGS`, which must end by SIGKILL."""
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == -9, proc.stderr
+
+
 KILLER = """
 import os, signal, sys, time
 import pipeline.metrics as m, pipeline.__main__ as cli
@@ -226,29 +255,12 @@ def test_resume_after_kill_continues_one_run_without_gaps(tmp_path, flush):
     (the default 15 s interval), so the resume re-sends 1..5. `flushed`: it holds exactly
     1..5 (events after the checkpoint were held back), so nothing is sent twice."""
     run_dir, wandb_dir = tmp_path / "run", tmp_path / "wandb"
-    args = [
-        "train",
-        f"run.dir={run_dir}",
-        *TINY,
-        "train.max_steps=12",
-        "train.log_every=1",
-        "train.checkpoint_every=5",
-        "train.resume=auto",
-        "logging.wandb.mode=offline",
-    ]
+    args = kill_args(run_dir, "train.resume=auto")
     extra = {"KILL_AT": 8}
     if flush == "flushed":
         extra.update(WAIT_SYNCED=5, WANDB__TRANSACTION_LOG_FLUSH_INTERVAL=0.05)
     env = wandb_env(wandb_dir, **extra)
-    first = subprocess.run(
-        [sys.executable, "-c", KILLER, *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert first.returncode == -9, first.stderr
+    run_killed(KILLER, args, env)
     assert load_ckpt(run_dir)["step"] == 5
     assert max(e["step"] for e in read_jsonl(run_dir / "metrics.jsonl")) == 8  # past it
     (before,) = wandb_files(wandb_dir)
@@ -300,25 +312,9 @@ def test_kill_during_a_save_sends_no_step_that_the_resume_redoes(tmp_path):
     1..5 (the last checkpoint), not 6..10, which the resume from step 5 logs again; the
     attempts together hold every step once."""
     run_dir, wandb_dir = tmp_path / "run", tmp_path / "wandb"
-    args = [
-        "train",
-        f"run.dir={run_dir}",
-        *TINY,
-        "train.max_steps=12",
-        "train.log_every=1",
-        "train.checkpoint_every=5",
-        "logging.wandb.mode=offline",
-    ]
+    args = kill_args(run_dir)
     env = wandb_env(wandb_dir, KILL_IN_SAVE=10, WANDB__TRANSACTION_LOG_FLUSH_INTERVAL=0.05)
-    first = subprocess.run(
-        [sys.executable, "-c", KILLED_IN_SAVE, *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert first.returncode == -9, first.stderr
+    run_killed(KILLED_IN_SAVE, args, env)
     assert load_ckpt(run_dir)["step"] == 5
     (before,) = wandb_files(wandb_dir)
     assert history_steps(before) == [1, 2, 3, 4, 5]
