@@ -33,6 +33,7 @@ PROBE = 10  # steps timed before the pace is agreed on
 FIRST = 0.04  # of the budget spent measuring before the first plan, at most
 REPLAN_AT = (0.25, 0.5, 0.75, 0.9, 0.97)  # fractions of the budget where it re-plans
 SLACK = 0.005  # of the budget left free for what the measurements did not see
+NEAR = 0.01  # of the budget: a re-plan this close before its mark counts as at the mark
 
 
 def occurrences(every: int, after: int, upto: int) -> int:
@@ -92,7 +93,7 @@ class TimeBudget:
         while lo < hi:  # cost grows with h
             mid = (lo + hi + 1) // 2
             lo, hi = (mid, hi) if cost(mid) <= left else (lo, mid - 1)
-        later = [f * self.seconds for f in REPLAN_AT if f * self.seconds > elapsed]
+        later = [f * self.seconds for f in REPLAN_AT if (f - NEAR) * self.seconds > elapsed]
         self.next = -1
         if later:
             at = step + max(1, math.ceil((later[0] - elapsed) / max(step_s, 1e-9)))

@@ -56,6 +56,10 @@ def test_a_plan_fills_what_is_left_of_the_budget():
     assert cost <= 59.5 < cost_next
     # the next re-plan: when half the budget has passed, (50 - 40) / 0.05 = 200 steps on
     assert b.due(300) == "plan" and not b.due(299)
+    # arriving at step 300 a little before the 50 s mark counts as the mark: the next
+    # re-plan aims at 75 s, (75 - 49.7) / 0.05 = 506 steps on, not at 50 s again
+    b.plan(300, 49.7, 0.05, 1.0, 0.5, 200, 500, cap=10**9)
+    assert b.due(806) == "plan" and not b.due(306)
     assert b.plan(100, 40.0, 0.05, 1.0, 0.5, 200, 500, cap=500) == 500  # max_steps/epochs
     assert b.plan(100, 99.9, 0.05, 1.0, 0.5, 200, 500, cap=10**9) == 101  # at least a step
     assert not b.due(101)  # and nothing left to re-plan
