@@ -8,7 +8,7 @@ plus one entry per tail cluster; a character of tail cluster k has
 log p = log p_head(cluster k) + log p_k(character), where p_k is a softmax over the cluster
 computed at width d / div^k. Training evaluates the tail softmaxes only for the rows whose
 target is in that cluster (on CUDA, selecting them reads their count: one host sync per
-cluster). Tied (`tie=True`), the output uses the input's embeddings and projections.
+cluster); a cluster without such rows still gives its parameters a (zero) gradient. Tied (`tie=True`), the output uses the input's embeddings and projections.
 At V = 6,635 with cutoffs [1000, 3000] and d = 256 this costs about a quarter of the full
 output layer's products.
 """
@@ -92,8 +92,10 @@ class AdaptiveIO(nn.Module):
         for k in range(1, len(self.bounds) - 1):
             lo, hi = self.bounds[k], self.bounds[k + 1]
             rows = ((target >= lo) & (target < hi)).nonzero().squeeze(1)
-            if rows.numel():
-                tail = self._tail(k, h_ND.index_select(0, rows))
-                picked = tail.gather(1, (target.index_select(0, rows) - lo)[:, None]).squeeze(1)
-                nll = nll.index_add(0, rows, -picked.to(nll.dtype))
+            # no `if rows.numel()`: with no row in the cluster the products are empty, yet
+            # its parameters stay in the graph and get a zero gradient (DDP needs every
+            # parameter's gradient on every rank, whatever its minibatch holds)
+            tail = self._tail(k, h_ND.index_select(0, rows))
+            picked = tail.gather(1, (target.index_select(0, rows) - lo)[:, None]).squeeze(1)
+            nll = nll.index_add(0, rows, -picked.to(nll.dtype))
         return nll * keep

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 import torch
 
 
 def cpu_has_native_bf16() -> bool:
-    """AMX or AVX512-BF16: bf16 matrix products run natively (about 5x fp32 here)."""
+    """AMX or AVX512-BF16: bf16 matrix products run natively (about 5x fp32 here).
+    PIPELINE_NATIVE_BF16=0 or 1 overrides the detection (to see what `amp=auto` does on
+    the other kind of machine; with ONEDNN_MAX_CPU_ISA=AVX512_CORE oneDNN also emulates
+    bf16 the way such a CPU does)."""
+    forced = os.environ.get("PIPELINE_NATIVE_BF16", "")
+    if forced in ("0", "1"):
+        return forced == "1"
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:

@@ -29,7 +29,11 @@ COMPATIBLE_KEYS = (
     "train.batch_size",
     "train.num_steps",
     "train.sampling",
+    "model.adaptive_cutoffs",
+    "model.adaptive_div",
 )
+# What a key added since format 1 means where an older checkpoint's config lacks it.
+ADDED_SINCE_FORMAT_1 = {"model.adaptive_cutoffs": [], "model.adaptive_div": 4}
 
 
 class CheckpointError(RuntimeError):
@@ -159,6 +163,7 @@ def check_compatible(state: dict, cfg_dict: dict, vocab: list[str], path: Path) 
     from .config import flatten
 
     saved, now = flatten(state["config"]), flatten(cfg_dict)
+    saved = {**ADDED_SINCE_FORMAT_1, **saved}
     for key in COMPATIBLE_KEYS:
         if saved.get(key) != now.get(key):
             raise CheckpointError(

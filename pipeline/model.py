@@ -140,7 +140,7 @@ class TorchRNN(nn.Module):
                     f"({emb}) == model.hidden_size ({hidden_size})"
                 )
         cell = self.CELLS[kind]
-        self.rnn = nn.ModuleList(
+        rnn = nn.ModuleList(
             cell(emb if i == 0 else hidden_size, hidden_size) for i in range(num_layers)
         )
         if adaptive_cutoffs:
@@ -148,8 +148,16 @@ class TorchRNN(nn.Module):
                 vocab_size, hidden_size, list(adaptive_cutoffs), adaptive_div, tie_weights
             )
         else:
-            self.embedding = nn.Embedding(vocab_size, emb)
-            self.dense = nn.Linear(hidden_size, vocab_size)
+            embedding = nn.Embedding(vocab_size, emb)
+            dense = nn.Linear(hidden_size, vocab_size)
+        # Initialised in the order above, registered in format 1's (embedding, rnn, dense):
+        # an optimizer state is positional, so one saved with the stacked cells then lines
+        # up with the same parameters (the per-layer cells list them in the stacked order).
+        if not adaptive_cutoffs:
+            self.embedding = embedding
+        self.rnn = rnn
+        if not adaptive_cutoffs:
+            self.dense = dense
             if tie_weights:
                 self.dense.weight = self.embedding.weight
         self.register_load_state_dict_pre_hook(_stacked_to_per_layer)

@@ -54,6 +54,20 @@ def test_tying_shares_input_and_output_and_the_gradient_reaches_both_uses():
     assert tied.emb[2].grad[10].abs().sum() > 0 and tied.proj[1].grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_every_parameter_gets_a_gradient_when_no_target_is_in_a_tail(tie):
+    """DDP (no find_unused_parameters) needs a gradient for every parameter on every rank,
+    also on a rank whose minibatch has no target in some tail cluster: it gets zeros."""
+    torch.manual_seed(0)
+    io = AdaptiveIO(V, D, [10, 30], 2, tie)
+    x, y = torch.tensor([1, 2, 3, 4]), torch.tensor([2, 3, 4, 5])  # head ids only
+    h = torch.tanh(io.embed(x))  # as in the model: the inputs, then the outputs
+    io.nll(h, y, IGNORE).sum().backward()
+    missing = [n for n, p in io.named_parameters() if p.grad is None]
+    assert not missing
+    assert io.bias[2].grad.abs().sum() == 0 and io.bias[0].grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("kind", ["rnn", "lstm"])
 def test_model_nll_path_equals_its_log_probabilities(kind):
     torch.manual_seed(0)

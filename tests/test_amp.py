@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from conftest import TINY, free_port, run_cli
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from pipeline.amp import Amp
+from pipeline.amp import Amp, cpu_has_native_bf16, resolve
 from pipeline.config import TrainConfig
 from pipeline.dist import shutdown
 from pipeline.metrics import TrainAccumulator, read_jsonl
@@ -50,6 +50,16 @@ def grad_norm(model) -> float:
 
 
 # ---------------------------------------------------------------- fp16 scaler, one process
+
+
+@pytest.mark.parametrize("native", ["0", "1"])
+def test_auto_follows_the_native_bf16_check_and_its_override(monkeypatch, native):
+    """amp=auto on the CPU: bf16 where bf16 is native, else fp32. PIPELINE_NATIVE_BF16
+    answers the check (how the suite is run as the other kind of machine sees it)."""
+    monkeypatch.setenv("PIPELINE_NATIVE_BF16", native)
+    assert cpu_has_native_bf16() is (native == "1")
+    assert resolve("auto", torch.device("cpu")) == ("bf16" if native == "1" else "off")
+    assert resolve("fp16", torch.device("cpu")) == "fp16"  # an explicit mode is kept
 
 
 def test_fp16_unscale_happens_before_clip():

@@ -189,6 +189,7 @@ def saved_run(tmp_path_factory):
         ("train.sampling=random", "train.sampling='consecutive'"),
         ("model.hidden_size=16", "model.hidden_size=32"),
         ("model.kind=gru", "model.kind='rnn_scratch'"),
+        ("model.adaptive_div=2", "model.adaptive_div=4"),
         ("data.newlines=keep", "a different vocabulary"),
     ],
 )
@@ -222,3 +223,29 @@ def test_resume_under_another_amp_mode(tmp_path, first, then):
     assert all(torch.isfinite(p).all() for p in state["model"].values())
     fused = {g.get("fused") for g in state["optimizer"]["param_groups"]}
     assert fused == ({True} if then == "fp16" else {None})
+
+
+def test_a_format_1_checkpoint_resumes_where_the_old_code_went_on(tmp_path, capsys):
+    """tests/data/format1_lstm.pt was made by the code before the per-layer cells (git
+    672301d): a 2-layer LSTM's checkpoint at step 2, stacked keys (`rnn.weight_ih_l1`) and
+    an AdamW state, and the weights that code reached at step 4. Resumed now, the weights
+    map onto the per-layer cells and the optimizer state onto the same parameters: step 4
+    matches (dropout 0; other kernels for the cells, so to float rounding)."""
+    old = torch.load(ROOT / "tests/data/format1_lstm.pt", weights_only=True)
+    ckpt = old["checkpoint"]
+    assert ckpt["format"] == 1 and "rnn.weight_ih_l1" in ckpt["model"] and ckpt["step"] == 2
+    torch.save(ckpt, tmp_path / "start.pt")
+    run_dir = tmp_path / "run"
+    args = [*old["args"], f"run.dir={run_dir}", f"train.resume={tmp_path / 'start.pt'}"]
+    assert main(["train", *args]) == 0, capsys.readouterr().err
+    final = load_ckpt(run_dir)
+    assert final["step"] == old["then"]["step"] == 4
+    then = old["then"]["model"]
+    stacked = {  # the old names of the new per-layer keys
+        k: k.replace("rnn.0.", "rnn.").replace("rnn.1.", "rnn.").replace("_l0", f"_l{k[4]}")
+        if k.startswith("rnn.")
+        else k
+        for k in final["model"]
+    }
+    for k, old_k in stacked.items():
+        torch.testing.assert_close(final["model"][k], then[old_k], rtol=1e-5, atol=1e-6)
