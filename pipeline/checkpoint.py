@@ -163,7 +163,7 @@ def check_compatible(state: dict, cfg_dict: dict, vocab: list[str], path: Path) 
     from .config import flatten
 
     saved, now = flatten(state["config"]), flatten(cfg_dict)
-    saved = {**ADDED_SINCE_FORMAT_1, **saved}
+    saved, now = {**ADDED_SINCE_FORMAT_1, **saved}, {**ADDED_SINCE_FORMAT_1, **now}
     for key in COMPATIBLE_KEYS:
         if saved.get(key) != now.get(key):
             raise CheckpointError(
