@@ -90,6 +90,7 @@ def test_generate_from_the_checkpoint(trained):
     assert samples[-1]["samples"][0]["text"][:22] == lines[0][:22]
 
 
+@pytest.mark.slow
 def test_generate_missing_checkpoint_exits_2(tmp_path):
     proc = run_cli(
         ["generate", "--checkpoint", str(tmp_path / "none.pt"), "--prefix", "分开"], check=False
@@ -98,6 +99,7 @@ def test_generate_missing_checkpoint_exits_2(tmp_path):
     assert "none.pt' does not exist" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_requested_without_cuda_exits_2(tmp_path):
     proc = run_cli(

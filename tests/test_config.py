@@ -116,6 +116,7 @@ def test_yaml_errors_name_the_key_or_file(tmp_path):
         config.load(str(tmp_path / "missing.yaml"), [])
 
 
+@pytest.mark.slow
 def test_cli_unknown_key_exits_2(tmp_path):
     proc = run_cli(
         [
@@ -133,6 +134,7 @@ def test_cli_unknown_key_exits_2(tmp_path):
     assert not (tmp_path / "run").exists()  # nothing started
 
 
+@pytest.mark.slow
 def test_cli_wrong_type_in_yaml_exits_2(tmp_path):
     path = write(tmp_path, "train:\n  batch_size: many\n")
     proc = run_cli(["train", "--config", path, f"run.dir={tmp_path / 'run'}"], check=False)

@@ -218,6 +218,7 @@ def test_missing_empty_and_damaged_files(tmp_path):
         load_corpus(DataConfig(path=str(broken)))
 
 
+@pytest.mark.slow
 def test_cli_non_utf8_file_exits_2(tmp_path):
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"abc\xff\xfeabc")

@@ -299,6 +299,7 @@ dist.leave(75)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("group", [True, False])
 def test_leave_after_a_group_skips_the_teardown(tmp_path, group):
     """After a process group the trainer ends without the interpreter's teardown (where gloo

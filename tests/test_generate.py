@@ -223,6 +223,7 @@ def test_cli_generate_greedy_and_seeded_sampling(checkpoint):
     assert len(set(samples)) > 1
 
 
+@pytest.mark.slow
 def test_cli_prefix_outside_vocabulary_exits_2(checkpoint):
     path, _ = checkpoint
     proc = run_cli(["generate", "--checkpoint", str(path), "--prefix", "分开Ωß"], check=False)
