@@ -23,13 +23,15 @@ def lr_at(cfg, step: int, plans) -> float:
     """Linear warmup, then constant or cosine decay to lr * min_lr_ratio; a pure function of
     the step and the schedule's plans (see cosine_progress; an int is one plan spanning that
     many steps), so resuming needs no scheduler state. No plan yet (a time budget still
-    measuring): the peak."""
+    measuring): the peak. Like warm-up, the cosine counts the update being made (progress
+    after `step + 1` updates): the last update before a horizon H, step H - 1, runs at
+    lr * min_lr_ratio, however few steps a late re-plan of a time budget left."""
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     plans = [(0, plans)] if isinstance(plans, int) else plans
     if cfg.schedule == "constant" or not plans:
         return cfg.lr
-    frac = cosine_progress(step, cfg.warmup_steps, plans)
+    frac = cosine_progress(step + 1, cfg.warmup_steps, plans)
     return cfg.lr * (
         cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
     )

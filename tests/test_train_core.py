@@ -96,9 +96,12 @@ def test_lr_warmup_then_cosine():
     cfg = TrainConfig(lr=2.0, schedule="cosine", warmup_steps=4, min_lr_ratio=0.1)
     total = 104
     assert [lr_at(cfg, s, total) for s in range(4)] == pytest.approx([0.5, 1.0, 1.5, 2.0])
-    assert lr_at(cfg, 4, total) == pytest.approx(2.0)  # peak right after warmup
-    assert lr_at(cfg, 54, total) == pytest.approx(2.0 * (0.1 + 0.9 * 0.5))  # half way
-    assert lr_at(cfg, total, total) == pytest.approx(0.2)  # down to lr * min_lr_ratio
+    # the cosine counts the update being made, as warm-up does: 1 of its 100 at step 4
+    assert lr_at(cfg, 4, total) == pytest.approx(
+        2.0 * (0.1 + 0.9 * 0.5 * (1 + math.cos(0.01 * math.pi)))
+    )
+    assert lr_at(cfg, 53, total) == pytest.approx(2.0 * (0.1 + 0.9 * 0.5))  # half way
+    assert lr_at(cfg, total - 1, total) == pytest.approx(0.2)  # the last update: lr * min_lr_ratio
     assert lr_at(cfg, total + 50, total) == pytest.approx(0.2)  # and stays there
     lrs = [lr_at(cfg, s, total) for s in range(4, total + 1)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # monotone decay
