@@ -93,35 +93,18 @@ MASKS = (
 
 
 def step_overhead(rounds: int, steps: int) -> dict[tuple[str, str], float]:
-    """Milliseconds per fp32 training step (random ids) of each STEP_SETUPS config with our
-    masks, with torch-generator masks at the same sites and rates, and without dropout."""
-    from pipeline import config
-    from pipeline.amp import Amp
-    from pipeline.model import build_model
-    from pipeline.optim import build_optimizer
-    from pipeline.train import train_step
+    """Milliseconds per fp32 training step (bench.step_probe's Zipf ids) of each STEP_SETUPS
+    config with our masks, with torch-generator masks at the same sites and rates, and
+    without dropout."""
+    from bench.step_probe import setup, time_steps
 
-    setups = {}
-    for label, path, vocab, extra in STEP_SETUPS:
-        for mask, noise_cls, more in MASKS:
-            cfg = config.load(str(ROOT / path), ["train.amp=off", *extra, *more])
-            torch.manual_seed(0)
-            model = build_model(cfg.model, vocab)
-            opt = build_optimizer(cfg.train, model, "off")
-            b, t = cfg.train.batch_size, cfg.train.num_steps
-            x, y = torch.randint(0, vocab, (b, t)), torch.randint(0, vocab, (b, t))
-            setups[label, mask] = (model, opt, Amp("off", torch.device("cpu")), x, y, noise_cls)
-    times: dict[tuple[str, str], list[float]] = {k: [] for k in setups}
-    for r in range(rounds):
-        for key, (model, opt, amp, x, y, noise_cls) in setups.items():
-            params, state = list(model.parameters()), model.init_state(x.shape[0], "cpu")
-            train_step(model, params, x, y, state, opt, amp, 1.0, noise_cls(0, 0))
-            t0 = time.perf_counter()
-            for i in range(steps):
-                noise = noise_cls(0, r * steps + i)
-                train_step(model, params, x, y, state, opt, amp, 1.0, noise)
-            times[key].append((time.perf_counter() - t0) / steps * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
+    runs = {
+        (label, mask): (*setup(str(ROOT / path), [*extra, *more], "off", vocab), noise_cls)
+        for label, path, vocab, extra in STEP_SETUPS
+        for mask, noise_cls, more in MASKS
+    }
+    times = time_steps(runs, rounds, steps)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
 def step_table(steps: dict[tuple[str, str], float]) -> list[str]:

@@ -40,6 +40,22 @@ def setup(cfg_path: str, overrides: list[str], amp_mode: str, vocab: int):
     return model, opt, amp, x, y
 
 
+def time_steps(runs: dict, rounds: int, steps: int) -> dict:
+    """Seconds per training step of each run {key: (model, opt, amp, x, y, noise_cls)}, one
+    figure per round; the runs alternate within a round (one warm-up step each first)."""
+    times: dict = {k: [] for k in runs}
+    for r in range(rounds):
+        for key, (model, opt, amp, x, y, noise_cls) in runs.items():
+            params, state = list(model.parameters()), model.init_state(x.shape[0], "cpu")
+            train_step(model, params, x, y, state, opt, amp, 1.0, noise_cls(0, 0))
+            t0 = time.perf_counter()
+            for i in range(steps):
+                noise = noise_cls(0, r * steps + i + 1)
+                train_step(model, params, x, y, state, opt, amp, 1.0, noise)
+            times[key].append((time.perf_counter() - t0) / steps)
+    return times
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("variants", nargs="*", default=[""])
@@ -49,19 +65,13 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=10)
     args = ap.parse_args()
     runs = {
-        (v, amp): setup(args.config, v.split(), amp, args.vocab)
+        (v, amp): (*setup(args.config, v.split(), amp, args.vocab), Noise)
         for v in args.variants
         for amp in ("off", "bf16")
     }
-    rates: dict[tuple, list[float]] = {k: [] for k in runs}
-    for _ in range(args.rounds):
-        for key, (model, opt, amp, x, y) in runs.items():
-            params, state = list(model.parameters()), model.init_state(x.shape[0], "cpu")
-            train_step(model, params, x, y, state, opt, amp, 1.0, Noise(0, 0))
-            t0 = time.perf_counter()
-            for i in range(args.steps):
-                train_step(model, params, x, y, state, opt, amp, 1.0, Noise(0, i + 1))
-            rates[key].append(x.numel() * args.steps / (time.perf_counter() - t0))
+    times = time_steps(runs, args.rounds, args.steps)
+    tokens = {k: run[3].numel() for k, run in runs.items()}
+    rates = {k: [tokens[k] / t for t in ts] for k, ts in times.items()}
     print(f"{torch.get_num_threads()} threads, median of {args.rounds} alternating rounds")
     print("| overrides | fp32 tokens/s | bf16 tokens/s |\n|---|---:|---:|")
     for v in args.variants:

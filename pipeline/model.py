@@ -3,10 +3,11 @@
 Every model maps ids x_BT and a state (a tuple of (num_layers, B, H) tensors) to time-major
 logits_TBV (log-probabilities with an adaptive output) and the new state; given the targets
 y_BT it returns instead the per-target negative log-likelihood nll_N (time-major, 0 where
-the target is IGNORE), which the adaptive output computes without the full logits. The state is passed in and returned, never stored in the
-module: DDP would otherwise broadcast it as a buffer, and each rank carries its own. In
-training mode `noise` (pipeline.noise.Noise: seed, global step, this rank's first global
-stream) decides every dropout and weight-drop mask.
+the target is IGNORE), which the adaptive output computes without the full logits. The
+state is passed in and returned, never stored in the module: DDP would otherwise broadcast
+it as a buffer, and each rank carries its own. In training mode `noise`
+(pipeline.noise.Noise: seed, global step, this rank's first global stream) decides every
+dropout and weight-drop mask.
 """
 
 from __future__ import annotations

@@ -44,16 +44,12 @@ def cosine_progress(step: int, warmup: int, plans) -> float:
     appends a plan each time it re-aims the rest of the curve."""
     done = 0.0
     for i, (at, horizon) in enumerate(plans):
-        start = max(at, warmup)
-
-        def frac(s: int, start=start, horizon=horizon, done=done) -> float:
-            if horizon <= start:  # nothing left to span: hold
-                return done
-            return min(1.0, done + (1 - done) * max(0, s - start) / (horizon - start))
-
-        if i + 1 == len(plans) or step < plans[i + 1][0]:
-            return frac(step)
-        done = frac(plans[i + 1][0])
+        last = i + 1 == len(plans) or step < plans[i + 1][0]
+        upto, start = (step if last else plans[i + 1][0]), max(at, warmup)
+        if horizon > start:  # else nothing left to span: hold
+            done = min(1.0, done + (1 - done) * max(0, upto - start) / (horizon - start))
+        if last:
+            break
     return done
 
 

@@ -60,7 +60,7 @@ def train_step(
 ):
     with amp.autocast():
         nll_N, state = train_model(x_BT, state, noise, y_BT)
-    loss = nll_N.mean()  # accumulated in fp32 whatever the compute dtype (pipeline.loss)
+    loss = nll_N.mean()  # fp32 whatever the compute dtype; training targets are never IGNORE
     optimizer.zero_grad(set_to_none=True)
     amp.scaler.scale(loss).backward()
     amp.scaler.unscale_(optimizer)
