@@ -6,9 +6,10 @@
 
 Trains with `train.time_budget=BUDGET` (training time, evaluations and saves included;
 start-up, data preparation and the final evaluation of best.pt are not counted: the LR
-schedule ends when the budget does, on whatever machine runs it), evaluates `checkpoints/best.pt` over the whole validation
-and test splits (`python -m pipeline eval`), generates samples for a few prefixes, prints it
-all and appends a section to docs/benchmarks.md (unless --no-write).
+schedule ends when the budget does, on whatever machine runs it), evaluates
+`checkpoints/best.pt` over the whole validation and test splits (`python -m pipeline eval`),
+generates samples for a few prefixes, prints it all and appends a section to
+docs/benchmarks.md (unless --no-write).
 """
 
 from __future__ import annotations
@@ -128,15 +129,16 @@ def main(argv=None) -> int:
             env,
         )
         samples.append(out.strip())
+    resolved = config_of(run_dir)["train"]  # the budget's horizon, written by the run
     result = {
         "config": args.config,
         "overrides": args.overrides,
         "nproc": args.nproc,
         "budget_s": args.budget,
         "train_time_s": max(e.get("time/elapsed_s", 0) for e in events),
-        "amp": resolve(config_of(run_dir)["train"]["amp"], torch.device("cpu")),
+        "amp": resolve(resolved["amp"], torch.device("cpu")),
         "native_bf16": cpu_has_native_bf16(),
-        "schedule_steps": config_of(run_dir)["train"]["schedule_steps"],
+        "schedule_steps": resolved["schedule_steps"],
         "last_lr": last.get("opt/lr"),
         "wall_s": round(wall, 1),
         "steps": last["step"],

@@ -8,9 +8,10 @@ plus one entry per tail cluster; a character of tail cluster k has
 log p = log p_head(cluster k) + log p_k(character), where p_k is a softmax over the cluster
 computed at width d / div^k. Training evaluates the tail softmaxes only for the rows whose
 target is in that cluster (on CUDA, selecting them reads their count: one host sync per
-cluster); a cluster without such rows still gives its parameters a (zero) gradient. Tied (`tie=True`), the output uses the input's embeddings and projections.
-At V = 6,635 with cutoffs [1000, 3000] and d = 256 this costs about a quarter of the full
-output layer's products.
+cluster); a cluster without such rows still gives its parameters a (zero) gradient. Tied
+(`tie=True`), the output uses the input's embeddings and projections. At V = 6,635 with
+cutoffs [1000, 3000] and d = 256 this costs about a quarter of the full output layer's
+products.
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ class AdaptiveIO(nn.Module):
             return nn.ParameterList(nn.Parameter(torch.randn(*s) * std) for s in shapes)
 
         self.emb = matrices([(s, dk) for s, dk in zip(sizes, self.dims)], 1.0)
-        self.proj = matrices([(dk, d) for dk in self.dims[1:]], 1.0)  # input: d_k -> d
-        for p, dk in zip(self.proj, self.dims[1:]):
-            p.data.mul_(dk**-0.5)
+        self.proj = nn.ParameterList(  # input: d_k -> d
+            nn.Parameter(torch.randn(dk, d) * dk**-0.5) for dk in self.dims[1:]
+        )
         self.tie = tie
         if not tie:
             self.out_emb = matrices([(s, dk) for s, dk in zip(sizes, self.dims)], d**-0.5)
