@@ -81,6 +81,7 @@ class ModelConfig:
     tie_weights: bool = False  # share input embedding and output weights (needs equal widths)
     adaptive_cutoffs: list[int] = field(default_factory=list)  # adaptive input/softmax clusters
     adaptive_div: int = 4  # width divisor from one cluster to the next
+    forget_bias: float = 0.0  # lstm: added to the forget gate's bias at initialisation
     init_std: float = 0.01  # rnn_scratch: normal(0, init_std), as the chapter
 
 
@@ -96,7 +97,7 @@ class TrainConfig:
     lr: float = 100.0
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    schedule: str = "constant"  # constant | cosine (linear warmup, cosine decay to min_lr)
+    schedule: str = "constant"  # constant | cosine | linear (warmup, then decay to min_lr)
     warmup_steps: int = 0
     schedule_steps: int = 0  # steps the cosine spans; 0 = max_steps, else epochs x minibatches
     time_budget: float = 0.0  # seconds of training; the LR schedule ends with them (0 = off)
@@ -166,7 +167,7 @@ CHOICES = {
     "model.dropout_kind": ("standard", "locked"),
     "train.sampling": ("consecutive", "random"),
     "train.optimizer": ("sgd", "adam", "adamw"),
-    "train.schedule": ("constant", "cosine"),
+    "train.schedule": ("constant", "cosine", "linear"),
     "train.amp": ("off", "bf16", "fp16", "auto"),
     "train.device": ("auto", "cpu", "cuda"),
     "logging.wandb.mode": ("auto", "online", "offline", "disabled"),

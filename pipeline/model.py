@@ -129,6 +129,7 @@ class TorchRNN(nn.Module):
         weight_drop: float = 0.0,
         adaptive_cutoffs: tuple = (),
         adaptive_div: int = 4,
+        forget_bias: float = 0.0,
     ):
         super().__init__()
         emb = embedding_size or hidden_size
@@ -144,6 +145,10 @@ class TorchRNN(nn.Module):
         rnn = nn.ModuleList(
             cell(emb if i == 0 else hidden_size, hidden_size) for i in range(num_layers)
         )
+        if kind == "lstm" and forget_bias:  # gates i, f, g, o: a remembering start
+            with torch.no_grad():
+                for layer in rnn:
+                    layer.bias_ih_l0[hidden_size : 2 * hidden_size] += forget_bias
         if adaptive_cutoffs:
             self.io = AdaptiveIO(
                 vocab_size, hidden_size, list(adaptive_cutoffs), adaptive_div, tie_weights
@@ -238,6 +243,7 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
                 ("embedding_size", cfg.embedding_size),
                 ("tie_weights", cfg.tie_weights),
                 ("adaptive_cutoffs", cfg.adaptive_cutoffs),
+                ("forget_bias", cfg.forget_bias),
             )
             if v and not (k == "num_layers" and v == 1)
         ]
@@ -248,6 +254,12 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
                 stacklevel=2,
             )
         return ScratchRNN(vocab_size, cfg.hidden_size, cfg.init_std)
+    if cfg.forget_bias and cfg.kind != "lstm":
+        warnings.warn(
+            f"model.forget_bias={cfg.forget_bias}: only an lstm has a forget gate; "
+            f"ignored for model.kind={cfg.kind}",
+            stacklevel=2,
+        )
     cutoffs = [c for c in cfg.adaptive_cutoffs if c < vocab_size]
     if len(cutoffs) < len(cfg.adaptive_cutoffs):  # any config runs on any text
         warnings.warn(
@@ -267,6 +279,7 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
         cfg.weight_drop,
         tuple(cutoffs),
         cfg.adaptive_div,
+        cfg.forget_bias,
     )
 
 

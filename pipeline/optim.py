@@ -20,9 +20,10 @@ def build_optimizer(cfg, model: torch.nn.Module, amp_mode: str = "off") -> torch
 
 
 def lr_at(cfg, step: int, plans) -> float:
-    """Linear warmup, then constant or cosine decay to lr * min_lr_ratio; a pure function of
-    the step and the schedule's plans (see cosine_progress; an int is one plan spanning that
-    many steps), so resuming needs no scheduler state. No plan yet (a time budget still
+    """Linear warmup, then constant, or cosine or linear decay to lr * min_lr_ratio (both
+    follow the same progress along the schedule); a pure function of the step and the
+    schedule's plans (see cosine_progress; an int is one plan spanning that many steps), so
+    resuming needs no scheduler state. No plan yet (a time budget still
     measuring): the peak. Like warm-up, the cosine counts the update being made (progress
     after `step + 1` updates): the last update before a horizon H, step H - 1, runs at
     lr * min_lr_ratio, however few steps a late re-plan of a time budget left."""
@@ -32,9 +33,8 @@ def lr_at(cfg, step: int, plans) -> float:
     if cfg.schedule == "constant" or not plans:
         return cfg.lr
     frac = cosine_progress(step + 1, cfg.warmup_steps, plans)
-    return cfg.lr * (
-        cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
-    )
+    left = 1 - frac if cfg.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * frac))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * left)
 
 
 def cosine_progress(step: int, warmup: int, plans) -> float:
@@ -67,12 +67,13 @@ def schedule_plans(tcfg, epoch_size: int) -> list[tuple[int, int]]:
 
 
 def warn_schedule_change(saved_train: dict, tcfg, epoch_size: int, log) -> None:
-    """Resuming under another cosine length changes the LR from here on: allowed, not silent."""
+    """Resuming under another schedule length changes the LR from here on: allowed, not
+    silent."""
     was = schedule_steps(SimpleNamespace(**{"schedule_steps": 0, **saved_train}), epoch_size)
     now = schedule_steps(tcfg, epoch_size)
-    if tcfg.schedule == "cosine" and was != now:
+    if tcfg.schedule != "constant" and was != now:
         log(
-            f"warning: the cosine LR schedule spanned {was} steps in the checkpoint and spans "
+            f"warning: the {tcfg.schedule} LR schedule spanned {was} steps in the checkpoint and spans "
             f"{now} now, so the learning rate differs from here on; set "
             f"train.schedule_steps={was} to keep the saved schedule"
         )

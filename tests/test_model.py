@@ -132,6 +132,26 @@ def test_scratch_says_which_options_it_ignores():
     assert isinstance(m, ScratchRNN) and m.init_state(B, torch.device("cpu"))[0].shape[0] == 1
 
 
+def test_forget_bias_shifts_only_the_forget_gate():
+    """model.forget_bias adds to the forget gate's slice of each LSTM layer's input bias
+    (gates i, f, g, o) and leaves every other initial weight as torch draws it."""
+    cfg = dict(kind="lstm", num_layers=2, hidden_size=H)
+    torch.manual_seed(0)
+    plain = build_model(ModelConfig(**cfg), V).state_dict()
+    torch.manual_seed(0)
+    shifted = build_model(ModelConfig(**cfg, forget_bias=1.5), V).state_dict()
+    for key, value in plain.items():
+        delta = shifted[key] - value
+        if key.endswith("bias_ih_l0"):
+            want = torch.zeros(4, H)
+            want[1] = 1.5
+            torch.testing.assert_close(delta.view(4, H), want)
+        else:
+            assert torch.equal(delta, torch.zeros_like(delta)), key
+    with pytest.warns(UserWarning, match=r"model.forget_bias=1.0: only an lstm"):
+        build_model(ModelConfig(kind="gru", hidden_size=H, forget_bias=1.0), V)
+
+
 def test_dropout_only_in_training_mode():
     torch.manual_seed(0)
     m = TorchRNN("lstm", V, H, num_layers=2, dropout=0.5).eval()

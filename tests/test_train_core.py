@@ -112,6 +112,22 @@ def test_lr_warmup_then_cosine():
     assert lr_at(TrainConfig(lr=3.0), 0, total) == 3.0
 
 
+def test_lr_linear_decay_follows_the_same_progress():
+    """schedule=linear: the same warm-up and progress as the cosine (time-budget re-plans
+    included), the LR falling in a straight line to lr * min_lr_ratio."""
+    cfg = TrainConfig(lr=2.0, schedule="linear", warmup_steps=4, min_lr_ratio=0.1)
+    total = 104
+    assert [lr_at(cfg, s, total) for s in range(4)] == pytest.approx([0.5, 1.0, 1.5, 2.0])
+    assert lr_at(cfg, 4, total) == pytest.approx(2.0 * (0.1 + 0.9 * 0.99))
+    assert lr_at(cfg, 53, total) == pytest.approx(2.0 * (0.1 + 0.9 * 0.5))
+    assert lr_at(cfg, total - 1, total) == pytest.approx(0.2)
+    # a re-plan at step 54 (half way) to a horizon of 204: the other half over 150 updates
+    plans = [(0, total), (54, 204)]
+    assert lr_at(cfg, 53, plans) == pytest.approx(2.0 * (0.1 + 0.9 * 0.5))
+    assert lr_at(cfg, 128, plans) == pytest.approx(2.0 * (0.1 + 0.9 * 0.25))
+    assert lr_at(cfg, 203, plans) == pytest.approx(0.2)
+
+
 # ---------------------------------------------------------------- the loop
 
 
