@@ -13,8 +13,8 @@ re-plans as it goes:
 
   capped by train.max_steps and train.epochs;
 - re-plan when REPLAN_AT of the budget has passed, with the pace since the last plan: the
-  rest of the cosine, from where the LR stands, is re-aimed at the new horizon
-  (pipeline.optim.cosine_progress), so the LR stays continuous and ends with the budget.
+  rest of the LR decay, from where the LR stands, is re-aimed at the new horizon
+  (pipeline.optim.schedule_progress), so the LR stays continuous and ends with the budget.
 
 Every plan [step, horizon] is appended to train.schedule_plans, and the last horizon is
 train.schedule_steps and train.max_steps, in run.dir/config.yaml and in every checkpoint's

@@ -99,7 +99,7 @@ class TrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     schedule: str = "constant"  # constant | cosine | linear (warmup, then decay to min_lr)
     warmup_steps: int = 0
-    schedule_steps: int = 0  # steps the cosine spans; 0 = max_steps, else epochs x minibatches
+    schedule_steps: int = 0  # steps the LR decay spans; 0 = max_steps, else epochs x batches
     time_budget: float = 0.0  # seconds of training; the LR schedule ends with them (0 = off)
     schedule_plans: list[list[int]] = field(default_factory=list)  # [step, horizon]s a budget made
     min_lr_ratio: float = 0.1

@@ -22,26 +22,26 @@ def build_optimizer(cfg, model: torch.nn.Module, amp_mode: str = "off") -> torch
 def lr_at(cfg, step: int, plans) -> float:
     """Linear warmup, then constant, or cosine or linear decay to lr * min_lr_ratio (both
     follow the same progress along the schedule); a pure function of the step and the
-    schedule's plans (see cosine_progress; an int is one plan spanning that many steps), so
-    resuming needs no scheduler state. No plan yet (a time budget still
-    measuring): the peak. Like warm-up, the cosine counts the update being made (progress
-    after `step + 1` updates): the last update before a horizon H, step H - 1, runs at
-    lr * min_lr_ratio, however few steps a late re-plan of a time budget left."""
+    schedule's plans (see schedule_progress; an int is one plan spanning that many steps), so
+    resuming needs no scheduler state. No plan yet (a time budget still measuring): the
+    peak. Like warm-up, the decay counts the update being made (progress after `step + 1`
+    updates): the last update before a horizon H, step H - 1, runs at lr * min_lr_ratio,
+    however few steps a late re-plan of a time budget left."""
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     plans = [(0, plans)] if isinstance(plans, int) else plans
     if cfg.schedule == "constant" or not plans:
         return cfg.lr
-    frac = cosine_progress(step + 1, cfg.warmup_steps, plans)
+    frac = schedule_progress(step + 1, cfg.warmup_steps, plans)
     left = 1 - frac if cfg.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * frac))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * left)
 
 
-def cosine_progress(step: int, warmup: int, plans) -> float:
-    """The fraction of the cosine done at `step`. Plans [(from_step, horizon), ...]: from its
-    step on, each plan takes the curve from where it stands (0 before warm-up ends) to its
-    end at `horizon`. One plan (0, H) is the plain cosine from warm-up to H; a time budget
-    appends a plan each time it re-aims the rest of the curve."""
+def schedule_progress(step: int, warmup: int, plans) -> float:
+    """The fraction of the decay (cosine or linear) done at `step`. Plans [(from_step,
+    horizon), ...]: from its step on, each plan takes the curve from where it stands (0
+    before warm-up ends) to its end at `horizon`. One plan (0, H) is the plain decay from
+    warm-up to H; a time budget appends a plan each time it re-aims the rest of the curve."""
     done = 0.0
     for i, (at, horizon) in enumerate(plans):
         last = i + 1 == len(plans) or step < plans[i + 1][0]
@@ -73,8 +73,8 @@ def warn_schedule_change(saved_train: dict, tcfg, epoch_size: int, log) -> None:
     now = schedule_steps(tcfg, epoch_size)
     if tcfg.schedule != "constant" and was != now:
         log(
-            f"warning: the {tcfg.schedule} LR schedule spanned {was} steps in the checkpoint and spans "
-            f"{now} now, so the learning rate differs from here on; set "
+            f"warning: the {tcfg.schedule} LR schedule spanned {was} steps in the checkpoint "
+            f"and spans {now} now, so the learning rate differs from here on; set "
             f"train.schedule_steps={was} to keep the saved schedule"
         )
 

@@ -18,7 +18,7 @@ from pipeline.__main__ import main
 from pipeline.budget import TimeBudget, occurrences
 from pipeline.config import TrainConfig
 from pipeline.metrics import read_jsonl
-from pipeline.optim import cosine_progress, lr_at
+from pipeline.optim import lr_at, schedule_progress
 
 BUDGET = 8.0
 BASE = [
@@ -75,12 +75,12 @@ def test_the_first_plan_comes_after_the_probe_however_fast_the_steps():
 
 def test_a_re_plan_keeps_the_lr_continuous_and_ends_at_the_new_horizon():
     cfg = TrainConfig(lr=1.0, min_lr_ratio=0.0, schedule="cosine", warmup_steps=10)
-    assert cosine_progress(60, 10, [(0, 110)]) == pytest.approx(0.5)  # the plain cosine
+    assert schedule_progress(60, 10, [(0, 110)]) == pytest.approx(0.5)  # the plain cosine
     assert lr_at(cfg, 60, 110) == lr_at(cfg, 60, [(0, 110)])
     plans = [(5, 110), (60, 210)]  # at step 60, half done, the rest re-aimed at step 210
-    assert cosine_progress(60, 10, plans) == pytest.approx(0.5)
-    assert cosine_progress(135, 10, plans) == pytest.approx(0.75)
-    assert cosine_progress(210, 10, plans) == 1.0 and lr_at(cfg, 210, plans) == 0.0
+    assert schedule_progress(60, 10, plans) == pytest.approx(0.5)
+    assert schedule_progress(135, 10, plans) == pytest.approx(0.75)
+    assert schedule_progress(210, 10, plans) == 1.0 and lr_at(cfg, 210, plans) == 0.0
     assert lr_at(cfg, 59, plans) == pytest.approx(lr_at(cfg, 59, [(0, 110)]))
     assert lr_at(cfg, 7, plans) == pytest.approx(0.8)  # warm-up whatever the plans
     assert lr_at(cfg, 30, []) == 1.0  # no plan yet: the peak
