@@ -128,7 +128,7 @@ def phases(args) -> None:
     torch.manual_seed(0)
     model = build_model(cfg.model, len(corpus.vocab))
     amp = Amp(t.amp, ctx.device)
-    opt = build_optimizer(t, model, amp.mode)
+    opt = build_optimizer(t, model)
     train_model = DDP(model) if w > 1 else model
     params, hidden = list(model.parameters()), model.init_state(streams.b, ctx.device)
     times = {"forward": [], "backward": [], "step": []}

@@ -69,7 +69,7 @@ class PipelineVariant:
         self.params = list(self.model.parameters())
         self.train_model = torch.compile(self.model) if t.compile else self.model
         self.amp = Amp(t.amp, self.device)
-        self.optimizer = build_optimizer(t, self.model, self.amp.mode)
+        self.optimizer = build_optimizer(t, self.model)
         self.acc = TrainAccumulator(self.device)
         self.i, self.step_no, self.hidden = 0, 0, None
 

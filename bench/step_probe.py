@@ -33,7 +33,7 @@ def setup(cfg_path: str, overrides: list[str], amp_mode: str, vocab: int):
     torch.manual_seed(0)
     model = build_model(cfg.model, vocab)
     amp = Amp(amp_mode, torch.device("cpu"))
-    opt = build_optimizer(cfg.train, model, amp.mode)
+    opt = build_optimizer(cfg.train, model)
     b, t = cfg.train.batch_size, cfg.train.num_steps
     zipf = 1.0 / torch.arange(1, vocab + 1).float()
     x, y = (torch.multinomial(zipf, b * t, replacement=True).view(b, t) for _ in range(2))

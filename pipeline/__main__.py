@@ -7,8 +7,10 @@
     python -m pipeline prepare --config configs/songci.yaml
     python -m pipeline compare runs/a runs/b --plot compare.png
 
-Problems with the input (config keys, data files, checkpoints, prefixes) print one clear
-line and exit with status 2; a preempted run exits with 75 after saving.
+Problems with the input (config keys, data files, checkpoints, prefixes, a run directory
+held by another job) print one clear line and exit with status 2; a preempted run exits with
+75 after saving; a diverged run 65, a full disk 74, a hung collective 124 (README, "When
+things go wrong").
 """
 
 from __future__ import annotations
@@ -31,12 +33,18 @@ def cmd_train(args) -> int:
     from . import config
 
     cfg = config.load(args.config, args.overrides)  # before importing torch: typos fail fast
+    from .checkpoint import DISK_FULL_EXIT, DiskFull
+    from .dist import HUNG_EXIT, Hung
+    from .nonfinite import DIVERGED_EXIT, Diverged
     from .train import PREEMPTED_EXIT, Preempted, run
 
     try:
         run(cfg)
     except Preempted:
         return PREEMPTED_EXIT
+    except (Diverged, DiskFull, Hung) as err:  # one line, no traceback
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return {Diverged: DIVERGED_EXIT, DiskFull: DISK_FULL_EXIT, Hung: HUNG_EXIT}[type(err)]
     return 0
 
 

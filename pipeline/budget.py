@@ -14,19 +14,27 @@ re-plans as it goes:
   capped by train.max_steps and train.epochs;
 - re-plan when REPLAN_AT of the budget has passed, with the pace since the last plan: the
   rest of the LR decay, from where the LR stands, is re-aimed at the new horizon
-  (pipeline.optim.schedule_progress), so the LR stays continuous and ends with the budget.
+  (pipeline.optim.schedule_progress), so the LR stays continuous and ends with the budget;
+- stop when the budget is spent (a slowdown after the last re-plan), saving last.pt as at a
+  time limit.
+
+Plans and the stop fall when their time is due, read from the elapsed time the ranks agree
+on at the stop check (pipeline.stopper), not at steps computed from an older pace: a
+machine that slows down 10x still re-plans on time.
 
 Every plan [step, horizon] is appended to train.schedule_plans, and the last horizon is
 train.schedule_steps and train.max_steps, in run.dir/config.yaml and in every checkpoint's
 config: a resume continues the same curve (and keeps re-planning with what is left of the
 budget), and a rerun of config.yaml (plans given: nothing measured) repeats the run. The
 decisions fall at steps every rank computes from agreed values, so the collectives meet.
+`clock` is the time source of the trainer and the budget (tests put an injected clock here).
 """
 
 from __future__ import annotations
 
 import math
 import statistics
+import time
 
 SKIP = 10  # first steps: allocator, kernels and caches warm up
 PROBE = 10  # steps timed before the pace is agreed on
@@ -34,6 +42,8 @@ FIRST = 0.04  # of the budget spent measuring before the first plan, at most
 REPLAN_AT = (0.25, 0.5, 0.75, 0.9, 0.97)  # fractions of the budget where it re-plans
 SLACK = 0.005  # of the budget left free for what the measurements did not see
 NEAR = 0.01  # of the budget: a re-plan this close before its mark counts as at the mark
+
+clock = time.monotonic
 
 
 def occurrences(every: int, after: int, upto: int) -> int:
@@ -48,19 +58,32 @@ class TimeBudget:
         self.seconds = seconds
         self.warmup_steps = warmup_steps
         self.start = step + SKIP  # the timing window opens after this step
-        self.next, self.kind = (self.start + PROBE, "probe") if seconds > 0 else (-1, "")
+        self.probe_at = self.start + PROBE if seconds > 0 else -1
+        self.plan_from = math.inf  # agreed elapsed seconds from which the next plan is due
+        self.plan_at = -1  # or the step at which it is due (warm-up's end)
         self.spent, self.counted = 0.0, 0  # seconds in training steps of the window
         self.evals: list[float] = []  # seconds of each evaluation (samples, best.pt included)
         self.saves: list[float] = []  # seconds of each periodic or final save
 
     def count(self, step: int, seconds: float) -> None:
         """The time of the step that ended at `step` (logging, evaluation, saves left out)."""
-        if self.kind and step > self.start:
+        if self.seconds > 0 and step > self.start:
             self.spent, self.counted = self.spent + seconds, self.counted + 1
 
-    def due(self, step: int) -> str:
-        """ "probe", "plan" or "": a pure function of the step and of agreed values."""
-        return self.kind if step == self.next else ""
+    def due(self, step: int, elapsed: float | None) -> str:
+        """ "probe", "plan", "spent" (stop: the budget is used up) or "": a pure function of
+        the step and of the elapsed time the ranks agreed on at the stop check (None between
+        checks), so every rank decides alike, and a plan falls when its time is due however
+        the pace changed since the last one."""
+        if self.seconds <= 0:
+            return ""
+        if step == self.probe_at:
+            return "probe"
+        if elapsed is not None and elapsed >= self.seconds:
+            return "spent"
+        if step == self.plan_at or (elapsed is not None and elapsed >= self.plan_from):
+            return "plan"
+        return ""
 
     def step_seconds(self) -> float:
         return self.spent / max(1, self.counted)
@@ -70,16 +93,15 @@ class TimeBudget:
         mean = statistics.fmean
         return (mean(self.evals) if self.evals else 0.0, mean(self.saves) if self.saves else 0.0)
 
-    def after_probe(self, step_s: float) -> None:
-        """From the agreed pace: plan when FIRST of the budget has passed, or warm-up ends."""
-        end = self.next + max(1, math.ceil(FIRST * self.seconds / max(step_s, 1e-9)) - PROBE)
-        if self.warmup_steps > self.next:
-            end = min(end, self.warmup_steps)  # past self.next, so the plan still comes
-        self.next, self.kind = end, "plan"
+    def after_probe(self) -> None:
+        """The first plan: when FIRST of the budget has passed, or warm-up ends."""
+        self.plan_from = FIRST * self.seconds
+        if self.warmup_steps > self.probe_at:
+            self.plan_at = self.warmup_steps
 
     def plan(self, step, elapsed, step_s, eval_s, save_s, every_eval, every_save, cap) -> int:
         """The largest horizon <= cap whose remaining steps, evaluations and saves fit; sets
-        the step of the next re-plan and restarts the timing window."""
+        the time of the next re-plan and restarts the timing window."""
 
         def cost(h: int) -> float:
             return (
@@ -94,11 +116,6 @@ class TimeBudget:
             mid = (lo + hi + 1) // 2
             lo, hi = (mid, hi) if cost(mid) <= left else (lo, mid - 1)
         later = [f * self.seconds for f in REPLAN_AT if (f - NEAR) * self.seconds > elapsed]
-        self.next = -1
-        if later:
-            at = step + max(1, math.ceil((later[0] - elapsed) / max(step_s, 1e-9)))
-            if at < lo:
-                self.next = at
-        self.kind = "plan" if self.next > 0 else ""
+        self.plan_from, self.plan_at = (later[0] if later else math.inf), -1
         self.start, self.spent, self.counted = step, 0.0, 0
         return lo

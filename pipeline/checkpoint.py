@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -36,8 +37,85 @@ COMPATIBLE_KEYS = (
 ADDED_SINCE_FORMAT_1 = {"model.adaptive_cutoffs": [], "model.adaptive_div": 4}
 
 
+DISK_FULL_EXIT = 74  # EX_IOERR: a checkpoint did not fit or could not be written
+# Written besides the tensors: pickled plain values, zip headers (a generous bound).
+OVERHEAD_BYTES = 1 << 20
+
+
 class CheckpointError(RuntimeError):
     pass
+
+
+class DiskFull(Exception):
+    """A checkpoint did not fit on the run directory's filesystem, or writing it failed."""
+
+
+def tensors(obj, prefix: str = ""):
+    """(name, tensor) for every tensor in a nested checkpoint dict/list."""
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from tensors(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from tensors(v, f"{prefix}[{i}]")
+
+
+def first_nonfinite(state: dict) -> str | None:
+    """The name of the first floating tensor holding NaN or inf, else None (one host read:
+    the per-tensor checks are stacked on each device first)."""
+    named = [(n, t) for n, t in tensors(state) if t.is_floating_point()]
+    by_device: dict = {}
+    for i, (_, t) in enumerate(named):
+        by_device.setdefault(t.device, []).append(i)
+    order, flags = [], []
+    for idx in by_device.values():
+        order += idx
+        flags.append(torch.stack([torch.isfinite(named[i][1]).all() for i in idx]).cpu())
+    if not flags:
+        return None
+    bad = (~torch.cat(flags)).nonzero().flatten().tolist()  # an int read, once per save
+    return named[min(order[j] for j in bad)][0] if bad else None
+
+
+def nbytes(state: dict) -> int:
+    """About what torch.save writes for `state`: its tensors' bytes plus OVERHEAD_BYTES."""
+    return sum(t.numel() * t.element_size() for _, t in tensors(state)) + OVERHEAD_BYTES
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def check_space(directory: Path, need: int, what: str) -> None:
+    """DiskFull naming the path, the space needed and the space free when `need` bytes do
+    not fit into `directory`'s filesystem."""
+    directory.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(directory).free
+    if free < need:
+        raise DiskFull(
+            f"disk full: {what} in '{directory}' needs about {_mib(need)}, "
+            f"{_mib(free)} free; free space there (or move run.dir), then resume"
+        )
+
+
+class _Writer:
+    """A file object that keeps the OSError of a failed write: torch.save reports a full
+    disk as "unexpected pos ..." from inside its zip writer, and the cause is lost."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -52,15 +130,31 @@ def _fsync_dir(path: Path) -> None:
 
 
 def save_atomic(state: dict, path: Path) -> None:
+    """Write to a temporary name, fsync, rename. A full disk or an I/O error is DiskFull
+    naming the path (errno's words, space needed and free); no temporary file stays."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    need = nbytes(state)
+    check_space(path.parent, need, f"checkpoint '{path.name}'")
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    writer = None
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            writer = _Writer(f)
+            torch.save(state, writer)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except (OSError, RuntimeError) as err:
+        cause = writer.error if writer is not None and writer.error is not None else err
+        if not isinstance(cause, OSError):
+            raise
+        free = shutil.disk_usage(path.parent).free
+        raise DiskFull(
+            f"disk full: writing checkpoint '{path}' failed ({cause.strerror or cause}); "
+            f"it needs about {_mib(need)}, {_mib(free)} free; the previous checkpoints are "
+            f"intact; free space there (or move run.dir), then resume"
+        ) from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -69,15 +163,19 @@ def save_atomic(state: dict, path: Path) -> None:
 def link_atomic(src: Path, dest: Path) -> None:
     """Make `dest` name the same complete file as `src` (hard link, else copy), atomically."""
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-    if tmp.exists():
-        tmp.unlink()
+    tmp.unlink(missing_ok=True)
     try:
-        os.link(src, tmp)
-    except OSError:
-        import shutil
-
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dest)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dest)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise DiskFull(
+            f"disk full: making '{dest}' name '{src.name}' failed ({err.strerror or err}); "
+            f"{_mib(shutil.disk_usage(dest.parent).free)} free"
+        ) from None
     _fsync_dir(dest.parent)
 
 
@@ -93,6 +191,12 @@ def load(path: str | Path, map_location="cpu") -> dict:
     if not isinstance(state, dict) or "model" not in state or "vocab" not in state:
         raise CheckpointError(
             f"checkpoint '{path}' is not a checkpoint of this pipeline (no 'model'/'vocab' entries)"
+        )
+    bad = first_nonfinite({k: state.get(k) for k in ("model", "optimizer", "hidden")})
+    if bad is not None:
+        raise CheckpointError(
+            f"checkpoint '{path}' holds non-finite values (NaN or inf in {bad}): it was saved "
+            f"from a diverged run"
         )
     if state.get("format", 1) > FORMAT:
         raise CheckpointError(
@@ -151,9 +255,13 @@ def load_latest_good(run_dir: Path, warn=print) -> tuple[Path, dict] | None:
 
 
 def prune(run_dir: Path, keep: int) -> None:
-    """Keep the newest `keep` periodic checkpoints. Also removes temporary files of writers
-    killed mid-save: called by the only writer (rank 0) between its own saves."""
+    """Keep the newest `keep` periodic checkpoints, and always the one last.pt names. Also
+    removes temporary files of writers killed mid-save: called by the only writer (rank 0)
+    between its own saves."""
+    last = checkpoint_dir(run_dir) / "last.pt"
     for old in periodic(run_dir)[keep:]:
+        if last.is_file() and os.path.samefile(old, last):
+            continue
         old.unlink(missing_ok=True)
     for partial in checkpoint_dir(run_dir).glob("*.tmp"):
         partial.unlink(missing_ok=True)

@@ -116,6 +116,8 @@ class TrainConfig:
     time_limit: float = 0.0  # stop (and save) after this many seconds of training; 0 = none
     signal_check_every: int = 10  # steps between cross-rank checks for SIGTERM/SIGUSR1
     threads: int = 0  # torch threads per rank; 0 = cores / local world size
+    nonfinite_patience: int = 10  # consecutive non-finite steps (skipped) before the run stops
+    dist_timeout: float = 300.0  # seconds a collective may wait once training runs (not start-up)
 
 
 @dataclass
@@ -183,6 +185,8 @@ POSITIVE = (
     "train.epochs",
     "train.eval_every_epochs",
     "train.signal_check_every",
+    "train.nonfinite_patience",
+    "train.dist_timeout",
 )
 NON_NEGATIVE = (
     "train.max_steps",

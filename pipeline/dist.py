@@ -21,6 +21,13 @@ from .config import ConfigError
 
 # Set once this process has started a process group (it stays set after the teardown).
 _group_started = False
+HUNG_EXIT = 124  # like timeout(1): a collective waited past train.dist_timeout
+# What this rank is doing between collectives, for the message when one of them times out.
+_doing = "start-up"
+
+
+class Hung(Exception):
+    """A collective waited past train.dist_timeout: a rank stopped, stuck or cut off."""
 
 
 @dataclass
@@ -131,6 +138,65 @@ def leave(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def doing(what: str) -> None:
+    """Name what this rank does next (a plain assignment: cheap enough for every step)."""
+    global _doing
+    _doing = what
+
+
+def set_timeout(seconds: float) -> None:
+    """Bound every later collective by `seconds` (start-up ran under init's longer bound)."""
+    if dist.is_initialized():
+        from torch.distributed.distributed_c10d import _set_pg_timeout
+
+        _set_pg_timeout(timedelta(seconds=seconds))
+
+
+def is_timeout(err: BaseException) -> bool:
+    """gloo: "Timed out waiting 5000ms for recv operation"; NCCL's watchdog says "timed out"
+    too (with NCCL the watchdog usually ends the process itself)."""
+    return (
+        _group_started
+        and isinstance(err, RuntimeError)
+        and "timed out" in str(err).lower()
+        and not isinstance(err, ConfigError)
+    )
+
+
+def hung(err: BaseException, timeout_s: float) -> Hung:
+    """After a collective timed out: post this rank's presence to the rendezvous store, wait
+    a few seconds for the other live ranks to do the same, and name the ranks that did not
+    (stopped, stuck or cut off); dump this process' Python stacks to stderr."""
+    import time
+    import traceback
+
+    traceback.print_exception(err)
+    faulthandler.dump_traceback(all_threads=True)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    missing = "the missing rank could not be determined"
+    try:
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        store = _get_default_store()
+        prefix = f"pipeline/hung/{restart_count()}/"
+        store.set(f"{prefix}{rank}", _doing)
+        deadline = time.monotonic() + min(10.0, max(2.0, timeout_s))
+        absent = list(range(world))
+        while absent and time.monotonic() < deadline:
+            absent = [r for r in range(world) if not store.check([f"{prefix}{r}"])]
+            time.sleep(0.2)
+        if absent:
+            missing = f"rank(s) {', '.join(map(str, absent))} did not answer (stopped or stuck)"
+        else:
+            missing = "every rank answered afterwards (a slow rank, or a broken connection)"
+    except Exception as store_err:  # the store went with the job: say so, keep the message
+        missing = f"the missing rank could not be determined ({type(store_err).__name__})"
+    return Hung(
+        f"hung: rank {rank} waited more than train.dist_timeout={timeout_s:g} s in a "
+        f"collective during {_doing}; {missing}"
+    )
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -66,7 +66,7 @@ class TrainAccumulator:
             "train/bpc": loss / LN2,
             "opt/grad_norm": norm / max(steps - skipped, 1),
             "opt/clipped": clipped / max(steps, 1),
-            "amp/skipped_steps": skipped,
+            "opt/nonfinite_steps": skipped,
             "perf/tokens_per_s": tokens / max(elapsed, 1e-9),
             "_tokens": tokens,
         }
@@ -182,7 +182,7 @@ class RunLogger:
             self.logged_through = max((e["step"] for e in read_jsonl(self.path)), default=0)
         else:
             truncate_jsonl(self.path, resume_step)
-        self.file = open(self.path, "a", encoding="utf-8")
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self._init_wandb(cfg, cfg_dict, world_size, device, run_id)
         if self.wandb is not None and max(resume_step, self.logged_through) > 0:
             self._replay(run_id)
@@ -264,10 +264,26 @@ class RunLogger:
             return
         event = {"step": step, **{k: v for k, v in metrics.items() if not k.startswith("_")}}
         self.last.update(event)
-        self.file.write(json.dumps(event, ensure_ascii=False) + "\n")
-        self.file.flush()
+        self._append((json.dumps(event, ensure_ascii=False) + "\n").encode("utf-8"))
         if self.wandb is not None:
             self._to_wandb(step, self._wandb_values(event))
+
+    def _append(self, line: bytes) -> None:
+        """One whole line or none: a write cut short (a full disk) is taken back, so
+        metrics.jsonl stays valid JSON lines."""
+        size = os.fstat(self.fd).st_size
+        try:
+            done = 0
+            while done < len(line):
+                done += os.write(self.fd, line[done:])
+        except OSError as err:
+            os.ftruncate(self.fd, size)
+            from .checkpoint import DiskFull
+
+            raise DiskFull(
+                f"disk full: appending to '{self.path}' failed ({err.strerror or err}); "
+                f"the file keeps every whole line written before"
+            ) from None
 
     def samples(self, step: int, rows: list[tuple[str, str]]) -> None:
         """Generated text at an evaluation: a wandb.Table, and a list in metrics.jsonl."""
@@ -294,7 +310,7 @@ class RunLogger:
     def finish(self, summary: dict) -> None:
         if not self.enabled:
             return
-        self.file.close()
+        os.close(self.fd)
         if self.wandb is not None:
             self.commit()
             for k, v in summary.items():

@@ -8,15 +8,17 @@ from types import SimpleNamespace
 import torch
 
 
-def build_optimizer(cfg, model: torch.nn.Module, amp_mode: str = "off") -> torch.optim.Optimizer:
-    """fp16 takes the fused kernels: GradScaler then hands them found_inf on the device
-    (the step is skipped inside the kernel) instead of reading it with .item() every step."""
+def build_optimizer(cfg, model: torch.nn.Module, fused: bool = True) -> torch.optim.Optimizer:
+    """The fused kernels (CPU and CUDA) take a skip flag on the device (`found_inf`, set by
+    pipeline.nonfinite's guard, or by GradScaler in fp16) and skip the whole update inside
+    the kernel, step counts included, instead of reading the flag with .item() every step.
+    `fused=False` is the unguarded foreach path, kept for benchmarks against it."""
     params = list(model.parameters())
-    fused = {"fused": True} if amp_mode == "fp16" else {}
+    kw = {"fused": True} if fused else {}
     if cfg.optimizer == "sgd":  # the chapter's d2l.sgd: p -= lr * grad
-        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
+        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **kw)
     cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
-    return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, **fused)
+    return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, **kw)
 
 
 def lr_at(cfg, step: int, plans) -> float:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +21,10 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from . import budget as budget_mod
 from . import checkpoint as ckpt
 from . import config as config_mod
-from . import dist
+from . import dist, faults, rundir
 from .amp import Amp
 from .budget import TimeBudget
 from .config import Config, ConfigError
@@ -34,6 +34,7 @@ from .loss import IGNORE
 from .metrics import LN2, Progress, RunLogger, TrainAccumulator, perplexity
 from .model import State, build_model
 from .noise import Noise
+from .nonfinite import Diverged, NonFiniteGuard
 from .optim import (
     build_optimizer,
     clip_grad_global,
@@ -56,18 +57,30 @@ class Preempted(Exception):
 
 
 def train_step(
-    train_model, params, x_BT, y_BT, state: State, optimizer, amp: Amp, clip: float, noise=None
-):
+    train_model, params, x_BT, y_BT, state: State, optimizer, amp: Amp, clip: float, noise=None,
+    guard: NonFiniteGuard | None = None, step: int = 0,
+):  # fmt: skip
+    """One update. With a guard, a step whose all-reduced gradient norm is not finite changes
+    nothing (the fused optimizer takes the skip as `found_inf`; no host read) and the state
+    carried to the next minibatch is the one it started from."""
     with amp.autocast():
-        nll_N, state = train_model(x_BT, state, noise, y_BT)
+        nll_N, new_state = train_model(x_BT, state, noise, y_BT)
     loss = nll_N.mean()  # fp32 whatever the compute dtype; training targets are never IGNORE
     optimizer.zero_grad(set_to_none=True)
     amp.scaler.scale(loss).backward()
-    amp.scaler.unscale_(optimizer)
+    amp.scaler.unscale_(optimizer)  # fp16: records the scaler's own inf check for update()
     norm = clip_grad_global(params, clip)
-    amp.scaler.step(optimizer)  # fp16: skipped on every rank alike when grads hold inf/nan
-    amp.scaler.update()
-    return loss.detach(), norm, state
+    if guard is None:
+        amp.scaler.step(optimizer)  # fp16: skipped on every rank alike when grads hold inf/nan
+    else:
+        skip = guard.check(step, loss.detach(), norm)
+        optimizer.found_inf = skip  # read by the fused kernels: skip=1 changes nothing
+        optimizer.step()
+        new_state = tuple(
+            torch.where(skip > 0, h0.to(h1.dtype), h1) for h0, h1 in zip(state, new_state)
+        )
+    amp.scaler.update()  # fp16: halves the scale after an overflow, as after scaler.step
+    return loss.detach(), norm, new_state
 
 
 @torch.no_grad()
@@ -96,11 +109,16 @@ def run(cfg: Config) -> dict:
     try:
         return Trainer(cfg, ctx).fit()
     except BaseException as err:
+        if dist.is_timeout(err):
+            err = dist.hung(err, cfg.train.dist_timeout)
         # The traceback keeps the trainer's frames alive, and with them the DDP model: drop
         # them before the process group goes, or gloo may abort at interpreter exit.
         traceback.clear_frames(err.__traceback__)
+        if isinstance(err, dist.Hung):
+            raise err from None
         raise
     finally:
+        rundir.release()
         dist.shutdown()
 
 
@@ -192,12 +210,15 @@ class Trainer:
         self.cfg, self.ctx, self.run_dir = cfg, ctx, Path(cfg.run.dir)
         self.cfg_dict = config_mod.to_dict(cfg)
         self.log = print if ctx.is_main else (lambda *a, **k: None)
+        self._lock_run_dir()  # before anything is read or written: a second job touches nothing
         self.vocab, self.streams, self.valid = _data(cfg, ctx)
         torch.manual_seed(tcfg.seed)  # the initial parameters: alike on every rank
         self.model = build_model(cfg.model, len(self.vocab)).to(ctx.device)
         self.params = list(self.model.parameters())
         self.amp = Amp(tcfg.amp, ctx.device)
-        self.optimizer = build_optimizer(tcfg, self.model, self.amp.mode)
+        self.optimizer = build_optimizer(tcfg, self.model)
+        self.guard = NonFiniteGuard(tcfg.nonfinite_patience, ctx.device)
+        self.faults = faults.from_env(ctx.rank, self.model)
         # A time budget plans the LR horizon unless the config gives it (a rerun of a budget
         # run's config.yaml); the cap stays the user's even when a resume adopts the plans.
         budget = tcfg.time_budget if not (tcfg.schedule_steps or tcfg.schedule_plans) else 0
@@ -215,9 +236,39 @@ class Trainer:
         self.save_when = Every(tcfg.checkpoint_every)
         self.budget = TimeBudget(budget, self.state.step, tcfg.warmup_steps)
         self.val_step = -1
+        self._check_space()
         self._open_run_dir()
         self.last_train: dict = {}
         self.last_val: dict = {}
+        self.diverged = ""  # the message when a save found non-finite values
+
+    def _lock_run_dir(self) -> None:
+        """Rank 0 takes the run directory's lock; every rank learns the outcome (exit 2)."""
+        error = ""
+        if self.ctx.is_main:
+            try:  # an elastic restart may begin while the last attempt's rank 0 is reaped
+                rundir.acquire(self.run_dir, wait_s=30.0 if dist.restart_count() else 0.0)
+            except rundir.RunDirBusy as err:
+                error = str(err)
+        error = dist.broadcast_object(error)
+        if error:
+            raise rundir.RunDirBusy(error)
+
+    def _check_space(self) -> None:
+        """Before training: a checkpoint of this run must fit into the run directory (model,
+        optimizer moments, carried state; the optimizer's moments may not exist yet)."""
+        moments = 2 if self.cfg.train.optimizer in ("adam", "adamw") else 0
+        model_bytes = sum(p.numel() * p.element_size() for p in self.params)
+        need = (1 + moments) * model_bytes + ckpt.OVERHEAD_BYTES
+        error = ""
+        if self.ctx.is_main:
+            try:
+                ckpt.check_space(ckpt.checkpoint_dir(self.run_dir), need, "a checkpoint")
+            except ckpt.DiskFull as err:
+                error = str(err)
+        error = dist.broadcast_object(error)
+        if error:
+            raise ckpt.DiskFull(error)
 
     def _resume(self, budget: bool) -> TrainState:
         """Load the checkpoint to go on from (if any) into model, optimizer and scaler; a
@@ -293,38 +344,51 @@ class Trainer:
     def fit(self) -> dict:
         s, tcfg, streams = self.state, self.cfg.train, self.streams
         stopper = Stopper(tcfg.time_limit, tcfg.signal_check_every, self.ctx.world_size)
+        self.first_step = s.step
         acc = TrainAccumulator(self.ctx.device)
         random = tcfg.sampling == "random"
-        self.started = time.monotonic()
+        self.started = budget_mod.clock()
         reason = "" if s.step < self.total_steps and s.epoch < tcfg.epochs else "done"
         try:
             while not reason:
-                began = time.monotonic()
+                began = budget_mod.clock()
                 x_BT, y_BT = streams.batch(s.epoch, s.batch)
                 hidden = carried(s, self.model, streams.b, random, self.ctx.device)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr_at(tcfg, s.step, self.plans)
                 noise = Noise(tcfg.seed, s.step, self.first_stream)
+                dist.doing(f"training step {s.step + 1} (forward, gradient all-reduce)")
+                if self.faults:
+                    self.faults.before_step(s.step + 1)
                 loss, norm, s.hidden = train_step(
                     self.train_model, self.params, x_BT, y_BT, hidden, self.optimizer,
-                    self.amp, tcfg.clip, noise,
+                    self.amp, tcfg.clip, noise, self.guard, s.step,
                 )  # fmt: skip
                 acc.add(loss, x_BT.numel(), norm, tcfg.clip)
                 end_of_epoch = s.advance(streams.epoch_size)
+                if s.step == self.first_step + 1:  # start-up is over: collectives get bounded
+                    dist.set_timeout(tcfg.dist_timeout)
                 done = s.step >= self.total_steps or s.epoch >= tcfg.epochs
-                reason = stopper.poll(s.step) or ("done" if done else "")
-                self.budget.count(s.step, time.monotonic() - began)
+                dist.doing(f"the stop check after step {s.step}")
+                reason, agreed = stopper.poll(s.step, self.guard, done, self.elapsed())
+                reason = reason or ("done" if done else "")
+                self.budget.count(s.step, budget_mod.clock() - began)
 
-                if not reason and self.budget.due(s.step):
-                    self.spend_budget()
+                due = "" if reason else self.budget.due(s.step, agreed)
+                if due:
+                    reason = self.spend_budget(due)
                 if reason or self.log_when.due(s, end_of_epoch):
                     self.log_train(acc)
-                if reason != "preempted" and (reason or self.eval_when.due(s, end_of_epoch)):
+                if reason not in ("preempted", "diverged") and (
+                    reason or self.eval_when.due(s, end_of_epoch)
+                ):
                     self.validate()
                 periodic = self.save_when.due(s, end_of_epoch)
-                if reason or periodic:
+                if reason != "diverged" and (reason or periodic):
                     self.save(None if periodic else "last.pt")
                     self.logger.commit()  # wandb gets the events up to this resumable point
+        except Diverged as err:  # a save found non-finite values: the same on every rank
+            reason, self.diverged = "diverged", str(err)
         finally:
             stopper.restore()
             self.progress.close()
@@ -334,17 +398,27 @@ class Trainer:
 
     def elapsed(self) -> float:
         """Seconds of training up to now, across resumes (for wall-time plots)."""
-        return self.state.train_time + time.monotonic() - self.started
+        return self.state.train_time + budget_mod.clock() - self.started
 
-    def spend_budget(self) -> None:
-        """Collective, at steps every rank knows: agree on the pace of a step (the probe),
-        later plan (and re-plan) the LR horizon that ends the schedule at the time budget."""
+    def spend_budget(self, due: str) -> str:
+        """Collective, when the budget says so (at a step, or at a stop check whose agreed
+        elapsed time reached a mark): after the probe, arm the first plan; later plan (and
+        re-plan) the LR horizon that ends the schedule at the time budget; once it is spent,
+        stop ("time_budget", saved like a time limit). Returns the stop reason or ""."""
         b, s, tcfg = self.budget, self.state, self.cfg.train
-        if b.due(s.step) == "probe":
-            b.after_probe(dist.max_over_ranks([b.step_seconds()])[0])
-            return
+        if due == "probe":
+            b.after_probe()
+            return ""
+        if due == "spent":
+            self._adopt(max_steps=s.step)  # a rerun of config.yaml stops here too
+            self.log(
+                f"time budget {tcfg.time_budget:g} s spent at step {s.step} (the LR schedule "
+                f"ran to step {tcfg.schedule_steps}): stopping"
+            )
+            return "time_budget"
         if not b.evals:
             self.validate()  # this step's evaluation, timed: samples and best.pt included
+        dist.doing(f"the time budget's plan at step {s.step}")
         step_s, eval_s, save_s, elapsed = dist.max_over_ranks(
             [b.step_seconds(), *b.costs(), self.elapsed()]
         )
@@ -355,21 +429,30 @@ class Trainer:
         )  # fmt: skip
         self.plans.append((s.step, horizon))
         # config.yaml then reruns this run: the same curve to the same end, nothing measured
-        tcfg.schedule_plans = [list(p) for p in self.plans]
-        self.total_steps = tcfg.schedule_steps = tcfg.max_steps = horizon
-        self.cfg_dict = config_mod.to_dict(self.cfg)
-        if self.ctx.is_main:
-            (self.run_dir / "config.yaml").write_text(config_mod.dump(self.cfg), encoding="utf-8")
-        self.progress.set_total(horizon)
+        plans = [list(p) for p in self.plans]
+        self._adopt(schedule_plans=plans, schedule_steps=horizon, max_steps=horizon)
         self.log(
             f"time budget {tcfg.time_budget:g} s, {elapsed:.0f} s spent: {step_s * 1e3:.1f} ms "
             f"a step, {eval_s:.2f} s an evaluation, {save_s:.2f} s a save (slowest rank) -> "
             f"the LR schedule ends at step {horizon} (train.schedule_steps in config.yaml)"
         )
+        return ""
+
+    def _adopt(self, **train_keys) -> None:
+        """The one place a budget decision enters the run: train.* keys, the resolved config
+        (checkpoints), config.yaml, the step count the loop and the progress display run to."""
+        for key, value in train_keys.items():
+            setattr(self.cfg.train, key, value)
+        self.total_steps = self.cfg.train.max_steps
+        self.cfg_dict = config_mod.to_dict(self.cfg)
+        if self.ctx.is_main:
+            (self.run_dir / "config.yaml").write_text(config_mod.dump(self.cfg), encoding="utf-8")
+        self.progress.set_total(self.total_steps)
 
     def log_train(self, acc: TrainAccumulator) -> None:
         """Collective: the interval's sums reduced over ranks (the interval's one host read)."""
         s, ctx = self.state, self.ctx
+        dist.doing(f"the metrics reduce at step {s.step}")
         self.last_train = {
             **acc.reduce(ctx.world_size),
             "epoch": s.epoch,
@@ -393,7 +476,8 @@ class Trainer:
         s = self.state
         if self.val_step == s.step:  # the time budget evaluated this step already
             return
-        self.val_step, began = s.step, time.monotonic()
+        self.val_step, began = s.step, budget_mod.clock()
+        dist.doing(f"the evaluation at step {s.step}")
         if self.valid is not None:
             v = evaluate(self.model, self.valid, self.amp, self.ctx.device)
             self.last_val = {"val/loss": v["loss"], "val/perplexity": v["perplexity"]}
@@ -409,7 +493,7 @@ class Trainer:
                 self.save("best.pt")
         if self.ctx.is_main and self.cfg.generate.prefixes:
             self.logger.samples(s.step, self._samples())
-        self.budget.evals.append(time.monotonic() - began)
+        self.budget.evals.append(budget_mod.clock() - began)
 
     def _samples(self) -> list[tuple[str, str]]:
         g, rows = self.cfg.generate, []
@@ -433,7 +517,7 @@ class Trainer:
 
     def checkpoint(self) -> dict:
         """Collective (the hidden state is gathered): the complete, resumable run."""
-        self.state.train_time, self.started = self.elapsed(), time.monotonic()
+        self.state.train_time, self.started = self.elapsed(), budget_mod.clock()
         return {
             "format": ckpt.FORMAT,
             "model": self.model.state_dict(),
@@ -447,21 +531,43 @@ class Trainer:
 
     def save(self, name: str | None) -> None:
         """Collective: rank 0 writes `name`, or (None) a periodic step_N.pt that last.pt then
-        names; every rank waits for the file."""
-        began = time.monotonic()
+        names; every rank learns whether the write succeeded. Nothing is saved during a
+        streak of non-finite steps, and a state with non-finite values is never written (the
+        run has diverged: every rank decides alike, the state is the same on every rank)."""
+        s, began = self.state, budget_mod.clock()
+        dist.doing(f"the checkpoint at step {s.step}")
+        streak, tripped = self.guard.state()  # an I/O edge: the host may look here
+        if streak or tripped >= 0:
+            self.log(
+                f"step {s.step}: not saving {name or 'a periodic checkpoint'}: in a streak of "
+                f"{streak} non-finite steps (the checkpoints on disk stay as they are)"
+            )
+            return
         state = self.checkpoint()
+        bad = ckpt.first_nonfinite(state)
+        if bad is not None:
+            raise Diverged(
+                f"diverged: at step {s.step} the run's {bad} holds non-finite values, so it "
+                f"was not saved; the checkpoints on disk stay as they are"
+            )
+        error = ""
         if self.ctx.is_main:
             cdir = ckpt.checkpoint_dir(self.run_dir)
-            if name is None:
-                target = cdir / f"step_{self.state.step:08d}.pt"
-                ckpt.save_atomic(state, target)
-                ckpt.link_atomic(target, cdir / "last.pt")
-                ckpt.prune(self.run_dir, self.cfg.train.keep_checkpoints)
-            else:
-                ckpt.save_atomic(state, cdir / name)
-        dist.barrier()
+            try:
+                if name is None:
+                    target = cdir / f"step_{s.step:08d}.pt"
+                    ckpt.save_atomic(state, target)
+                    ckpt.link_atomic(target, cdir / "last.pt")
+                    ckpt.prune(self.run_dir, self.cfg.train.keep_checkpoints)
+                else:
+                    ckpt.save_atomic(state, cdir / name)
+            except ckpt.DiskFull as err:
+                error = str(err)
+        error = dist.broadcast_object(error)  # also the barrier: every rank waits for the file
+        if error:
+            raise ckpt.DiskFull(error)
         if name != "best.pt":  # best.pt is part of an evaluation's time
-            self.budget.saves.append(time.monotonic() - began)
+            self.budget.saves.append(budget_mod.clock() - began)
 
     def finish(self, reason: str) -> dict:
         s = self.state
@@ -478,4 +584,6 @@ class Trainer:
             where = ckpt.checkpoint_dir(self.run_dir) / "last.pt"
             self.log(f"preempted: saved step {s.step} to {where}")
             raise Preempted(s.step)
+        if reason == "diverged":
+            raise Diverged(self.diverged or self.guard.message(self.guard.state()[1]))
         return {**self.last_train, **self.last_val, **summary, "reason": reason}

@@ -29,7 +29,7 @@ def tiny_setup(amp_mode: str, init_scale: float = 2.0**8, seed: int = 0):
     torch.manual_seed(seed)
     model = ScratchRNN(V, H, init_std=0.3)
     amp = Amp(amp_mode, CPU)
-    opt = build_optimizer(TrainConfig(optimizer="sgd", lr=0.5), model, amp.mode)  # fp16: fused
+    opt = build_optimizer(TrainConfig(optimizer="sgd", lr=0.5), model)  # fused
     if amp_mode == "fp16":  # a modest scale: the first steps must not overflow by themselves
         amp.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
     return model, opt, amp
@@ -106,7 +106,7 @@ def test_fp16_overflow_skips_step_and_halves_scale():
     assert torch.isfinite(norm)
     assert not torch.equal(model.W_hh, before["W_hh"])  # the next good step does update
     out = acc.reduce(1)
-    assert out["amp/skipped_steps"] == 1
+    assert out["opt/nonfinite_steps"] == 1
     assert math.isfinite(out["opt/grad_norm"]) and out["opt/grad_norm"] == pytest.approx(
         norm.item()
     )
@@ -140,7 +140,7 @@ def test_bf16_autocast_run_converges_as_fp32_does(tmp_path):
         first, last = events[0]["train/perplexity"], events[-1]["train/perplexity"]
         assert all(math.isfinite(e["train/loss"]) for e in events)
         assert last < 0.05 * first, (amp, first, last)  # measured: 311 -> 1.8 (fp32)
-        assert events[-1]["amp/skipped_steps"] == 0
+        assert events[-1]["opt/nonfinite_steps"] == 0
         final[amp] = events[-1]["train/loss"]
     assert final["bf16"] == pytest.approx(final["off"], rel=0.1)
 
@@ -182,7 +182,7 @@ def _body_inf(rank: int, world: int):
         unchanged,
         bool(torch.isfinite(norm)),
         amp.scaler.get_scale(),
-        acc.reduce(world)["amp/skipped_steps"],
+        acc.reduce(world)["opt/nonfinite_steps"],
     )
 
 

@@ -54,23 +54,25 @@ def test_a_plan_fills_what_is_left_of_the_budget():
     cost = (h - 100) * 0.05 + occurrences(200, 100, h) + 0.5 * occurrences(500, 100, h)
     cost_next = (h - 99) * 0.05 + occurrences(200, 100, h + 1) + 0.5 * occurrences(500, 100, h + 1)
     assert cost <= 59.5 < cost_next
-    # the next re-plan: when half the budget has passed, (50 - 40) / 0.05 = 200 steps on
-    assert b.due(300) == "plan" and not b.due(299)
-    # arriving at step 300 a little before the 50 s mark counts as the mark: the next
-    # re-plan aims at 75 s, (75 - 49.7) / 0.05 = 506 steps on, not at 50 s again
+    # the next re-plan: when half the budget has passed, whatever the step
+    assert b.due(300, 50.0) == "plan" and not b.due(300, 49.9) and not b.due(301, None)
+    # a re-plan a little before the 50 s mark counts as the mark: the next one aims at 75 s
     b.plan(300, 49.7, 0.05, 1.0, 0.5, 200, 500, cap=10**9)
-    assert b.due(806) == "plan" and not b.due(306)
+    assert b.due(806, 75.0) == "plan" and not b.due(306, 74.9)
     assert b.plan(100, 40.0, 0.05, 1.0, 0.5, 200, 500, cap=500) == 500  # max_steps/epochs
     assert b.plan(100, 99.9, 0.05, 1.0, 0.5, 200, 500, cap=10**9) == 101  # at least a step
-    assert not b.due(101)  # and nothing left to re-plan
+    assert not b.due(101, 99.95)  # nothing left to re-plan
+    assert b.due(101, 100.0) == "spent" and b.due(5000, 250.0) == "spent"  # the stop
 
 
-def test_the_first_plan_comes_after_the_probe_however_fast_the_steps():
-    for step_s, warmup in ((1e-4, 0), (10.0, 0), (1e-4, 21), (1e-4, 500)):
+def test_the_first_plan_comes_after_the_probe_when_its_time_or_warm_up_ends():
+    for warmup in (0, 21, 500):
         b = TimeBudget(4.0, step=0, warmup_steps=warmup)
-        assert b.due(20) == "probe"
-        b.after_probe(step_s)
-        assert b.next > 20 and b.kind == "plan", (step_s, warmup)
+        assert b.due(19, 3.0) == "" and b.due(20, None) == "probe"
+        b.after_probe()
+        assert b.due(21, 0.01) == ("plan" if warmup == 21 else "")
+        assert b.due(30, 0.04 * 4.0) == "plan"  # FIRST of the budget has passed
+    assert TimeBudget(0.0, step=0, warmup_steps=0).due(20, 1e9) == ""  # no budget: nothing
 
 
 def test_a_re_plan_keeps_the_lr_continuous_and_ends_at_the_new_horizon():
@@ -141,7 +143,10 @@ def test_a_resume_continues_the_curve_and_the_budget(tmp_path, capsys):
     final = load_ckpt(run_dir)
     resolved = yaml.safe_load((run_dir / "config.yaml").read_text())["train"]
     assert resolved["schedule_plans"][: len(plans)] == plans
-    assert final["step"] == resolved["schedule_steps"] == final["config"]["train"]["max_steps"]
+    # at its last horizon, or earlier where the machine slowed down after the last re-plan
+    # and the spent budget stopped it (then config.yaml's max_steps says where)
+    assert final["step"] == final["config"]["train"]["max_steps"] == resolved["max_steps"]
+    assert final["step"] <= resolved["schedule_steps"]
     assert final["train_time"] == pytest.approx(BUDGET, rel=0.25)
 
 
@@ -157,3 +162,50 @@ def test_two_ranks_agree_on_the_plans(tmp_path):
     assert saved["step"] == horizon and saved["world_size"] == 2
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in rows) == horizon
+
+
+class PacedClock:
+    """An injected clock: training steps and evaluations advance it by set amounts."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize("factor,at", [(3.0, 0.3), (10.0, 0.3), (10.0, 0.8), (0.5, 0.3)], ids=str)
+def test_the_budget_holds_when_the_pace_changes(tmp_path, monkeypatch, factor, at):
+    """100 s of budget at 0.25 s a step (0.5 s an evaluation) until `at` of it has passed,
+    then steps `factor` times as long: re-plans fall when their time is due, a run that
+    has spent its budget stops, and the run ends within 5% of its budget with its LR near
+    the end of the cosine (as far as the last re-plan could bring it)."""
+    from pipeline import budget as budget_mod
+    from pipeline import train as train_mod
+
+    budget, clock = 100.0, PacedClock()
+    monkeypatch.setattr(budget_mod, "clock", clock)
+    step, evaluate = train_mod.train_step, train_mod.evaluate
+
+    def paced_step(*a, **k):
+        clock.now += 0.25 * (factor if clock.now >= at * budget else 1.0)
+        return step(*a, **k)
+
+    def paced_eval(*a, **k):
+        clock.now += 0.5
+        return evaluate(*a, **k)
+
+    monkeypatch.setattr(train_mod, "train_step", paced_step)
+    monkeypatch.setattr(train_mod, "evaluate", paced_eval)
+    run_dir = tmp_path / "run"
+    args = [*BASE, f"train.time_budget={budget}", "train.eval_every=50", "train.log_every=50"]
+    args += ["model.dropout=0", "train.time_limit=300", "train.threads=1"]
+    assert main(["train", *args, f"run.dir={run_dir}"]) == 0
+    final = load_ckpt(run_dir)
+    assert final["train_time"] == pytest.approx(budget, rel=0.05)
+    plans = final["config"]["train"]["schedule_plans"]
+    assert len(plans) >= 4  # planned and re-planned on time, whatever the pace
+    last = [e for e in read_jsonl(run_dir / "metrics.jsonl") if "opt/lr" in e][-1]
+    peak, floor = 0.01, 0.001
+    frac = math.acos(2 * (last["opt/lr"] - floor) / (peak - floor) - 1) / math.pi
+    assert frac > 0.9, (last, plans)

@@ -1,0 +1,86 @@
+"""One job per run directory: an exclusive lock on run.dir/run.lock for the job's life.
+
+Global rank 0 holds an `fcntl.flock` on the file and writes who holds it (host, pid, start
+time, SLURM job id, torchrun run id) into it. The kernel drops the lock when the process
+ends, however it ends, so kill -9 leaves nothing stale and an elastic restart of the same
+job takes it back. A second job on the same directory gets RunDirBusy (exit status 2)
+naming the holder, before it reads data or writes anything.
+
+On a network filesystem the lock is as good as the filesystem's locks: NFSv4 and Lustre
+mounted with `flock` lock across nodes; Lustre with `localflock` (or no flock support)
+locks only within one node.
+"""
+
+from __future__ import annotations
+
+import datetime
+import fcntl
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+from .config import ConfigError
+
+LOCK_NAME = "run.lock"
+_held: list = []  # open lock files: the lock lives as long as the file stays open
+
+
+class RunDirBusy(ConfigError):
+    """Another job holds the run directory (exit status 2)."""
+
+
+def holder_record() -> dict:
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
+        "torchrun_run_id": os.environ.get("TORCHELASTIC_RUN_ID", ""),
+    }
+
+
+def describe(record: dict) -> str:
+    parts = [f"host {record.get('host', '?')}", f"pid {record.get('pid', '?')}"]
+    parts.append(f"started {record.get('started', '?')}")
+    if record.get("slurm_job_id"):
+        parts.append(f"SLURM job {record['slurm_job_id']}")
+    return ", ".join(parts)
+
+
+def acquire(run_dir: Path, wait_s: float = 0.0) -> None:
+    """Take the lock (retrying for `wait_s`: an elastic restart may start while the previous
+    attempt's rank 0 is still being reaped) or raise RunDirBusy naming the holder."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_NAME
+    f = open(path, "a+", encoding="utf-8")  # a+: never truncates another job's record
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                f.seek(0)
+                text = f.read()
+                f.close()
+                try:
+                    who = describe(json.loads(text))
+                except ValueError:
+                    who = "a job that has not written its record yet"
+                raise RunDirBusy(
+                    f"run directory '{run_dir}' is in use by another job ({who}); wait for "
+                    f"it to end, stop it, or choose another run.dir"
+                ) from None
+            time.sleep(0.5)
+    f.seek(0)
+    f.truncate()
+    f.write(json.dumps(holder_record()) + "\n")
+    f.flush()
+    _held.append(f)
+
+
+def release() -> None:
+    while _held:
+        _held.pop().close()
