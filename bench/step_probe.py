@@ -22,18 +22,19 @@ from pipeline import config
 from pipeline.amp import Amp
 from pipeline.model import build_model
 from pipeline.noise import Noise
+from pipeline.nonfinite import NonFiniteGuard
 from pipeline.optim import build_optimizer
 from pipeline.train import train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def setup(cfg_path: str, overrides: list[str], amp_mode: str, vocab: int):
+def setup(cfg_path: str, overrides: list[str], amp_mode: str, vocab: int, fused: bool = True):
     cfg = config.load(cfg_path, overrides)
     torch.manual_seed(0)
     model = build_model(cfg.model, vocab)
     amp = Amp(amp_mode, torch.device("cpu"))
-    opt = build_optimizer(cfg.train, model)
+    opt = build_optimizer(cfg.train, model, fused)
     b, t = cfg.train.batch_size, cfg.train.num_steps
     zipf = 1.0 / torch.arange(1, vocab + 1).float()
     x, y = (torch.multinomial(zipf, b * t, replacement=True).view(b, t) for _ in range(2))
@@ -41,17 +42,20 @@ def setup(cfg_path: str, overrides: list[str], amp_mode: str, vocab: int):
 
 
 def time_steps(runs: dict, rounds: int, steps: int) -> dict:
-    """Seconds per training step of each run {key: (model, opt, amp, x, y, noise_cls)}, one
-    figure per round; the runs alternate within a round (one warm-up step each first)."""
+    """Seconds per training step of each run {key: (model, opt, amp, x, y, noise_cls[,
+    guard])}, one figure per round; the runs alternate within a round (one warm-up step each
+    first). With a guard (pipeline.nonfinite) the step is the trainer's; without, the step
+    before the guard existed."""
     times: dict = {k: [] for k in runs}
     for r in range(rounds):
-        for key, (model, opt, amp, x, y, noise_cls) in runs.items():
+        for key, (model, opt, amp, x, y, noise_cls, *guard) in runs.items():
             params, state = list(model.parameters()), model.init_state(x.shape[0], "cpu")
-            train_step(model, params, x, y, state, opt, amp, 1.0, noise_cls(0, 0))
+            guard = guard[0] if guard else None
+            train_step(model, params, x, y, state, opt, amp, 1.0, noise_cls(0, 0), guard)
             t0 = time.perf_counter()
             for i in range(steps):
                 noise = noise_cls(0, r * steps + i + 1)
-                train_step(model, params, x, y, state, opt, amp, 1.0, noise)
+                train_step(model, params, x, y, state, opt, amp, 1.0, noise, guard, i)
             times[key].append((time.perf_counter() - t0) / steps)
     return times
 
@@ -64,8 +68,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
     args = ap.parse_args()
+    guard = NonFiniteGuard(10, torch.device("cpu"))
     runs = {
-        (v, amp): (*setup(args.config, v.split(), amp, args.vocab), Noise)
+        (v, amp): (*setup(args.config, v.split(), amp, args.vocab), Noise, guard)
         for v in args.variants
         for amp in ("off", "bf16")
     }

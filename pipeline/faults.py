@@ -4,7 +4,9 @@
 
 - nan_loss: that rank's loss is multiplied by NaN in those steps (1-based, the step being
   made), so a real non-finite gradient reaches every rank through DDP's all-reduce;
-- sigstop: that rank stops itself (SIGSTOP) before that step, as a hung rank does.
+- sigstop: that rank stops itself (SIGSTOP) before that step, as a hung rank does;
+- slow_start: that rank sleeps STEP seconds before it reads its data (a slow preparation
+  while the other ranks wait at a collective).
 
 Faults fire only in the first attempt of a job (TORCHELASTIC_RESTART_COUNT unset or 0), so
 an elastic restart runs clean. Unset, nothing is installed and the loop pays nothing.
@@ -14,12 +16,13 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import torch
 
 from .config import ConfigError
 
-KINDS = ("nan_loss", "sigstop")
+KINDS = ("nan_loss", "sigstop", "slow_start")
 
 
 class Faults:
@@ -66,9 +69,20 @@ def parse(spec: str, rank: int) -> Faults:
     return Faults(rules)
 
 
+def _spec() -> str:
+    first_attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0
+    return os.environ.get("PIPELINE_FAULTS", "") if first_attempt else ""
+
+
+def slow_start(rank: int) -> None:
+    for kind, seconds, _ in parse(_spec(), rank).rules:
+        if kind == "slow_start":
+            time.sleep(seconds)
+
+
 def from_env(rank: int, model: torch.nn.Module) -> Faults | None:
-    spec = os.environ.get("PIPELINE_FAULTS", "")
-    if not spec or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+    spec = _spec()
+    if not spec:
         return None
     faults = parse(spec, rank)
     if not faults:

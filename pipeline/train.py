@@ -211,6 +211,7 @@ class Trainer:
         self.cfg_dict = config_mod.to_dict(cfg)
         self.log = print if ctx.is_main else (lambda *a, **k: None)
         self._lock_run_dir()  # before anything is read or written: a second job touches nothing
+        faults.slow_start(ctx.rank)
         self.vocab, self.streams, self.valid = _data(cfg, ctx)
         torch.manual_seed(tcfg.seed)  # the initial parameters: alike on every rank
         self.model = build_model(cfg.model, len(self.vocab)).to(ctx.device)

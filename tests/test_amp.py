@@ -265,17 +265,22 @@ def test_hot_loop_reads_values_only_at_log_intervals(tmp_path, monkeypatch, amp)
     """Count host reads of floating/bool tensors (.item(), .tolist(), bool(), float()) during a
     60-step run logging every 20 steps: a per-step read (a device sync on CUDA) would give 60+.
     fp16 included: its fused optimizer takes GradScaler's found_inf on the device (with a
-    plain optimizer GradScaler.step reads it with .item() every step)."""
+    plain optimizer GradScaler.step reads it with .item() every step). Integer reads are
+    counted apart: the non-finite guard's flag at each stop check (every
+    train.signal_check_every steps; with several ranks it rides in the stop check's
+    all-reduce) and the finiteness check of each save."""
     from pipeline import config
     from pipeline.train import run
 
-    reads = []
+    reads, int_reads = [], []
     for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
         orig = getattr(torch.Tensor, name)
 
         def counted(self, *a, _orig=orig, _name=name, **k):
             if self.dtype.is_floating_point or self.dtype == torch.bool:
                 reads.append(_name)
+            else:
+                int_reads.append(_name)
             return _orig(self, *a, **k)
 
         monkeypatch.setattr(torch.Tensor, name, counted)
@@ -296,3 +301,7 @@ def test_hot_loop_reads_values_only_at_log_intervals(tmp_path, monkeypatch, amp)
     # interval and the final save reads the scaler state
     limit = 3 * 3 if amp == "fp16" else 3
     assert 0 < len(reads) <= limit, reads
+    # 6 stop checks (steps 10, 20, ..., 60), the guard's streak at the final save, and the
+    # save's finiteness check: 8 (fp16: and the scaler's growth tracker at the save); a
+    # per-step read would give 60+
+    assert len(int_reads) <= 60 // 10 + 2 + (amp == "fp16"), int_reads

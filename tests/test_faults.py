@@ -399,3 +399,12 @@ def test_after_kill_9_of_the_holder_a_new_job_takes_the_directory_at_once(tmp_pa
     assert main(["train", *LOCKED, f"run.dir={run_dir}"]) == 0
     assert "resumed from" in capsys.readouterr().out and load_ckpt(run_dir)["step"] == 12
     assert json.loads((run_dir / "run.lock").read_text())["pid"] == os.getpid()
+
+
+@pytest.mark.slow
+def test_a_slow_start_up_does_not_trip_the_collective_timeout(tmp_path):
+    """Rank 1 takes 6 s longer to prepare its data than train.dist_timeout=2 allows a
+    collective: start-up runs under the long bound, training under the short one."""
+    args = [*BASE, "train.max_steps=6", "train.dist_timeout=2", f"run.dir={tmp_path / 'run'}"]
+    torchrun(2, ["train", *args], env=sub_env(PIPELINE_FAULTS="slow_start:1:6"))
+    assert load_ckpt(tmp_path / "run")["step"] == 6
