@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from bench.report import replace_section
 from bench.step_probe import setup, time_steps
 from pipeline.noise import Noise
 from pipeline.nonfinite import NonFiniteGuard
@@ -81,16 +82,9 @@ def main() -> int:
     )
     print(text)
     if args.write:
-        doc = ROOT / "docs" / "benchmarks.md"
-        body = doc.read_text(encoding="utf-8")
-        block = f"{HEAD}\n\nCommand: `OMP_NUM_THREADS=1 python -m bench.guard --write`.\n\n{text}\n\n{NOTE}\n"
-        start = body.find(HEAD)
-        if start >= 0:
-            end = body.find("\n## ", start + len(HEAD))
-            body = body[:start] + block + (body[end:] if end >= 0 else "")
-        else:
-            body = body.rstrip() + "\n\n" + block
-        doc.write_text(body, encoding="utf-8")
+        command = "Command: `OMP_NUM_THREADS=1 python -m bench.guard --write`."
+        block = f"{HEAD}\n\n{command}\n\n{text}\n\n{NOTE}\n"
+        replace_section(ROOT / "docs" / "benchmarks.md", HEAD, block)
     return 0
 
 

@@ -151,17 +151,11 @@ def main() -> int:
     text = "\n".join(lines)
     print(text)
     if args.write:
-        doc = ROOT / "docs" / "benchmarks.md"
-        body = doc.read_text(encoding="utf-8")
+        from bench.report import replace_section
+
         head = "## Dropout masks"
-        block = f"{head}\n\nCommand: `OMP_NUM_THREADS=1 python -m bench.masks --write`.\n\n{text}\n"
-        start = body.find(head)
-        if start >= 0:
-            end = body.find("\n## ", start + len(head))
-            body = body[:start] + block + (body[end:] if end >= 0 else "")
-        else:
-            body = body.rstrip() + "\n\n" + block
-        doc.write_text(body, encoding="utf-8")
+        command = "Command: `OMP_NUM_THREADS=1 python -m bench.masks --write`."
+        replace_section(ROOT / "docs" / "benchmarks.md", head, f"{head}\n\n{command}\n\n{text}\n")
     return 0
 
 

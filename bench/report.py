@@ -162,3 +162,16 @@ def summary(results: dict) -> str:
         if name in results:
             out.append(f"== {name}\n" + render(results[name]))
     return "\n".join(out)
+
+
+def replace_section(path: Path, head: str, block: str) -> None:
+    """Put `block` (starting with the `head` line) in place of the section `head` of `path`,
+    up to the next `## ` heading; appended when the section is not there yet."""
+    body = path.read_text(encoding="utf-8")
+    start = body.find(head)
+    if start >= 0:
+        end = body.find("\n## ", start + len(head))
+        body = body[:start] + block + (body[end:] if end >= 0 else "")
+    else:
+        body = body.rstrip() + "\n\n" + block
+    path.write_text(body, encoding="utf-8")
