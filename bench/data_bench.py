@@ -194,7 +194,7 @@ class Variant:
 
     def step(self) -> None:
         from pipeline.model import detach_state
-        from pipeline.train import train_step
+        from pipeline.step import train_step
 
         s = self.streams
         self.hidden = (

@@ -41,8 +41,8 @@ from pipeline.corpus import load_corpus  # noqa: E402
 from pipeline.metrics import TrainAccumulator, read_jsonl  # noqa: E402
 from pipeline.model import build_model, detach_state  # noqa: E402
 from pipeline.optim import build_optimizer, lr_at  # noqa: E402
+from pipeline.step import train_step  # noqa: E402
 from pipeline.streams import make_train_streams  # noqa: E402
-from pipeline.train import train_step  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results.json"
 DOCS = ROOT / "docs" / "benchmarks.md"

@@ -24,7 +24,7 @@ from pipeline.model import build_model
 from pipeline.noise import Noise
 from pipeline.nonfinite import NonFiniteGuard
 from pipeline.optim import build_optimizer
-from pipeline.train import train_step
+from pipeline.step import train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,7 +18,7 @@ RDZV_ID="${RDZV_ID:-lyrics-rnn}"
 TORCHRUN="${TORCHRUN:-torchrun}"
 # Multi-node elastic restarts: a node whose worker survived restarts for a membership change
 # with a different TORCHELASTIC_RESTART_COUNT than the failed one; a fresh rendezvous store per
-# round keeps the new gloo mesh from reading stale peer addresses (see README, "Checkpoints").
+# round keeps the new gloo mesh from reading stale peer addresses (docs/distributed.md, "Elastic restarts").
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
 NPROC="${NPROC_PER_NODE:-auto}"
 if [ "$NPROC" = "auto" ]; then

@@ -89,8 +89,8 @@ def cmd_eval(args) -> int:
     from .amp import Amp
     from .corpus import load_corpus
     from .data import DataError
+    from .step import evaluate
     from .streams import EvalStreams
-    from .train import evaluate
 
     ctx = dist.init(args.device)
     try:
@@ -227,8 +227,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _entry() -> None:
-    """`python -m pipeline`: a traceback for a bug, then an exit that survives gloo's teardown."""
+def entry() -> None:
+    """`python -m pipeline` and the `lyrics-rnn` console script: a traceback for a bug, then
+    an exit that survives gloo's teardown (pipeline.dist.leave)."""
     try:
         code = main()
     except Exception:
@@ -245,4 +246,4 @@ def _entry() -> None:
 
 
 if __name__ == "__main__":
-    _entry()
+    entry()

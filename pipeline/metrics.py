@@ -167,6 +167,7 @@ class RunLogger:
         enabled: bool,
         hold: bool = False,
         keep_history: bool = False,
+        amp: str = "",
     ):
         self.enabled = enabled
         self.wandb = None
@@ -183,11 +184,11 @@ class RunLogger:
         else:
             truncate_jsonl(self.path, resume_step)
         self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        self._init_wandb(cfg, cfg_dict, world_size, device, run_id)
+        self._init_wandb(cfg, cfg_dict, world_size, device, run_id, amp)
         if self.wandb is not None and max(resume_step, self.logged_through) > 0:
             self._replay(run_id)
 
-    def _init_wandb(self, cfg, cfg_dict, world_size, device, run_id):
+    def _init_wandb(self, cfg, cfg_dict, world_size, device, run_id, amp_used):
         from .config import flatten
 
         w = cfg.logging.wandb
@@ -201,7 +202,7 @@ class RunLogger:
         # WANDB_DIR wins when set (clusters point it at scratch); else the run directory.
         root = Path(os.environ.get("WANDB_DIR") or Path(cfg.run.dir).resolve())
         root.mkdir(parents=True, exist_ok=True)  # wandb falls back to /tmp if it is missing
-        amp = cfg_dict["train"]["amp"]
+        amp = amp_used or cfg_dict["train"]["amp"]  # the precision used (auto resolved)
         tags = list(w.tags) or [
             cfg.model.kind,
             cfg.train.sampling,
@@ -210,7 +211,7 @@ class RunLogger:
             device.type,
         ]
         config = flatten(cfg_dict)
-        config.update(provenance(world_size))
+        config.update(provenance(world_size), amp_used=amp)
         self.wandb = wandb.init(
             project=w.project,
             entity=w.entity or None,

@@ -3,10 +3,8 @@
     python -m pipeline train --config configs/jaychou.yaml [key=value ...]
     torchrun --standalone --nproc_per_node=2 -m pipeline train --config configs/jaychou.yaml
 
-One step: minibatch of this rank's streams -> forward (autocast; dropout masks drawn from
-(seed, step, site, global stream)) -> mean cross-entropy -> backward (DDP all-reduces, i.e.
-averages, the gradients) -> unscale (fp16) -> clip by the global norm of the all-reduced
-gradients (identical on every rank) -> optimizer step.
+The step itself and the evaluation live in pipeline/step.py (the `eval` command and the
+benchmarks run the same ones); this module orders everything around them.
 """
 
 from __future__ import annotations
@@ -30,19 +28,18 @@ from .budget import TimeBudget
 from .config import Config, ConfigError
 from .corpus import load_corpus
 from .generate import PrefixError, generate
-from .loss import IGNORE
 from .metrics import LN2, Progress, RunLogger, TrainAccumulator, perplexity
-from .model import State, build_model
+from .model import build_model
 from .noise import Noise
 from .nonfinite import Diverged, NonFiniteGuard
 from .optim import (
     build_optimizer,
-    clip_grad_global,
     lr_at,
     schedule_plans,
     warn_schedule_change,
 )
 from .state import TrainState, carried
+from .step import evaluate, train_step
 from .stopper import Stopper
 from .streams import EvalStreams, make_train_streams
 
@@ -51,53 +48,6 @@ PREEMPTED_EXIT = 75  # EX_TEMPFAIL: saved after SIGTERM/SIGUSR1; launch/slurm.sb
 
 class Preempted(Exception):
     pass
-
-
-# ---------------------------------------------------------------- one step, one evaluation
-
-
-def train_step(
-    train_model, params, x_BT, y_BT, state: State, optimizer, amp: Amp, clip: float, noise=None,
-    guard: NonFiniteGuard | None = None, step: int = 0,
-):  # fmt: skip
-    """One update. With a guard, a step whose all-reduced gradient norm is not finite changes
-    nothing (the fused optimizer takes the skip as `found_inf`; no host read) and the state
-    carried to the next minibatch is the one it started from."""
-    with amp.autocast():
-        nll_N, new_state = train_model(x_BT, state, noise, y_BT)
-    loss = nll_N.mean()  # fp32 whatever the compute dtype; training targets are never IGNORE
-    optimizer.zero_grad(set_to_none=True)
-    amp.scaler.scale(loss).backward()
-    amp.scaler.unscale_(optimizer)  # fp16: records the scaler's own inf check for update()
-    norm = clip_grad_global(params, clip)
-    if guard is None:
-        amp.scaler.step(optimizer)  # fp16: skipped on every rank alike when grads hold inf/nan
-    else:
-        skip = guard.check(step, loss.detach(), norm)
-        optimizer.found_inf = skip  # read by the fused kernels: skip=1 changes nothing
-        optimizer.step()
-        new_state = tuple(
-            torch.where(skip > 0, h0.to(h1.dtype), h1) for h0, h1 in zip(state, new_state)
-        )
-    amp.scaler.update()  # fp16: halves the scale after an overflow, as after scaler.step
-    return loss.detach(), norm, new_state
-
-
-@torch.no_grad()
-def evaluate(model, streams: EvalStreams, amp: Amp, device) -> dict:
-    """Loss over the whole split, state carried through it; reduced across ranks."""
-    model.eval()
-    state = model.init_state(streams.b, device)
-    sums = torch.zeros(2, dtype=torch.float64, device=device)
-    for x_BT, y_BT in streams:
-        with amp.autocast():
-            nll_N, state = model(x_BT, state, None, y_BT)
-        sums[0] += nll_N.double().sum()
-        sums[1] += (y_BT != IGNORE).sum()
-    model.train()
-    loss_sum, count = dist.all_reduce_sum(sums).tolist()
-    loss = loss_sum / max(count, 1)
-    return {"loss": loss, "perplexity": perplexity(loss), "bpc": loss / LN2, "tokens": count}
 
 
 # ---------------------------------------------------------------- set-up
@@ -315,8 +265,7 @@ class Trainer:
         """config.yaml, run.json, the metrics sinks and the progress display."""
         cfg, ctx, s = self.cfg, self.ctx, self.state
         if ctx.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(config_mod.dump(cfg), encoding="utf-8")
+            self._write_config()
         restarted = dist.restart_count() > 0
         s.run_id = run_id_for(s, self.run_dir, restarted, ctx.is_main)
         self.logger = RunLogger(
@@ -330,6 +279,7 @@ class Trainer:
             ctx.is_main,
             hold=cfg.train.checkpoint_every > 0,
             keep_history=restarted and s.step == 0,
+            amp=self.amp.mode,
         )
         self.progress = Progress(
             cfg.logging.progress if ctx.is_main else "off", self.total_steps, s.step
@@ -447,8 +397,15 @@ class Trainer:
         self.total_steps = self.cfg.train.max_steps
         self.cfg_dict = config_mod.to_dict(self.cfg)
         if self.ctx.is_main:
-            (self.run_dir / "config.yaml").write_text(config_mod.dump(self.cfg), encoding="utf-8")
+            self._write_config()
         self.progress.set_total(self.total_steps)
+
+    def _write_config(self) -> None:
+        """run.dir/config.yaml: the resolved config, headed by the precision this machine used
+        (a comment: train.amp=auto stays auto, so the file reruns as auto elsewhere)."""
+        head = f"# precision used: {self.amp.mode} (train.amp={self.cfg.train.amp})\n"
+        text = head + config_mod.dump(self.cfg)
+        (self.run_dir / "config.yaml").write_text(text, encoding="utf-8")
 
     def log_train(self, acc: TrainAccumulator) -> None:
         """Collective: the interval's sums reduced over ranks (the interval's one host read)."""

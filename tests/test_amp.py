@@ -19,7 +19,7 @@ from pipeline.dist import shutdown
 from pipeline.metrics import TrainAccumulator, read_jsonl
 from pipeline.model import ScratchRNN
 from pipeline.optim import build_optimizer
-from pipeline.train import train_step
+from pipeline.step import train_step
 
 V, H, B, T = 23, 16, 4, 6
 CPU = torch.device("cpu")

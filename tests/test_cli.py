@@ -124,3 +124,14 @@ def test_checkpoint_holds_no_code(trained):
     run_dir, _, _ = trained
     state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert all(isinstance(v, torch.Tensor) for v in state["model"].values())
+
+
+def test_the_console_script_enters_where_python_m_pipeline_does():
+    """`lyrics-rnn` and `python -m pipeline` share one entry and one exit path (the exit
+    that survives gloo's teardown), not just `main`."""
+    from importlib.metadata import entry_points
+
+    import pipeline.__main__ as cli
+
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "lyrics-rnn"]
+    assert script.value == "pipeline.__main__:entry" and script.load() is cli.entry

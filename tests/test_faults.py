@@ -37,7 +37,7 @@ from pipeline.metrics import read_jsonl
 from pipeline.model import ScratchRNN
 from pipeline.nonfinite import NonFiniteGuard
 from pipeline.optim import build_optimizer
-from pipeline.train import train_step
+from pipeline.step import train_step
 
 DIVERGED, DISK_FULL, HUNG, BAD_INPUT = 65, 74, 124, 2
 BASE = [

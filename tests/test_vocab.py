@@ -52,7 +52,7 @@ def test_vocab_identical_across_hash_seeds():
     # ... ours does not, nor do the ids.
     assert a["ours"] == b["ours"]
     assert a["ids"] == b["ids"]
-    assert len(a["ours"]) == 2614 and UNK not in a["ours"]  # README: 2,614 distinct chars
+    assert len(a["ours"]) == 2614 and UNK not in a["ours"]  # docs/data.md: 2,614 distinct chars
 
 
 def test_order_is_frequency_then_code_point():

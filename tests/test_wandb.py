@@ -12,8 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import ROOT, TINY, load_ckpt, run_cli, sub_env, torchrun
 
+from pipeline.amp import resolve
 from pipeline.metrics import Progress, read_jsonl, wandb_mode
 from pipeline.wandb_history import attempts, history_steps, read_records
 
@@ -41,6 +43,7 @@ def read_run(path: Path) -> dict:
         if kind == "run":
             out["id"] = record.run.run_id
             out["config"] = {i.key: json.loads(i.value_json) for i in record.run.config.update}
+            out["tags"] = list(record.run.tags)
         elif kind == "summary":
             for item in record.summary.update:
                 out["summary"][item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
@@ -63,6 +66,7 @@ def offline_run(tmp_path_factory):
             f"run.dir={run_dir}",
             *SMALL,
             "train.checkpoint_every=6",
+            "train.amp=auto",
             "logging.wandb.mode=offline",
             "generate.prefixes=[分开]",
             "generate.length=5",
@@ -84,6 +88,12 @@ def test_offline_run_holds_config_and_final_summary(offline_run):
     assert run["config"]["model.hidden_size"] == 32  # flattened dotted keys
     assert run["config"]["train.max_steps"] == 12
     assert run["config"]["world_size"] == 1 and "torch_version" in run["config"]
+    # train.amp=auto resolved: bf16 where this CPU has native bf16, else off (fp32)
+    used = resolve("auto", torch.device("cpu"))
+    assert run["config"]["train.amp"] == "auto" and run["config"]["amp_used"] == used
+    assert f"amp-{used}" in run["tags"] and "amp-auto" not in run["tags"]
+    head = (run_dir / "config.yaml").read_text(encoding="utf-8").splitlines()[0]
+    assert head == f"# precision used: {used} (train.amp=auto)"
 
     events = read_jsonl(run_dir / "metrics.jsonl")
     train = [e for e in events if "train/perplexity" in e]

@@ -1,0 +1,65 @@
+"""One training step and one evaluation: what the trainer, `python -m pipeline eval` and the
+benchmarks run alike.
+
+One step: minibatch of this rank's streams -> forward (autocast; dropout masks drawn from
+(seed, step, site, global stream)) -> mean cross-entropy -> backward (DDP all-reduces, i.e.
+averages, the gradients) -> unscale (fp16) -> clip by the global norm of the all-reduced
+gradients (identical on every rank) -> the non-finite guard's skip -> optimizer step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import dist
+from .amp import Amp
+from .loss import IGNORE
+from .metrics import LN2, perplexity
+from .model import State
+from .nonfinite import NonFiniteGuard
+from .optim import clip_grad_global
+from .streams import EvalStreams
+
+
+def train_step(
+    train_model, params, x_BT, y_BT, state: State, optimizer, amp: Amp, clip: float, noise=None,
+    guard: NonFiniteGuard | None = None, step: int = 0,
+):  # fmt: skip
+    """One update. With a guard, a step whose all-reduced gradient norm is not finite changes
+    nothing (the fused optimizer takes the skip as `found_inf`; no host read) and the state
+    carried to the next minibatch is the one it started from."""
+    with amp.autocast():
+        nll_N, new_state = train_model(x_BT, state, noise, y_BT)
+    loss = nll_N.mean()  # fp32 whatever the compute dtype; training targets are never IGNORE
+    optimizer.zero_grad(set_to_none=True)
+    amp.scaler.scale(loss).backward()
+    amp.scaler.unscale_(optimizer)  # fp16: records the scaler's own inf check for update()
+    norm = clip_grad_global(params, clip)
+    if guard is None:
+        amp.scaler.step(optimizer)  # fp16: skipped on every rank alike when grads hold inf/nan
+    else:
+        skip = guard.check(step, loss.detach(), norm)
+        optimizer.found_inf = skip  # read by the fused kernels: skip=1 changes nothing
+        optimizer.step()
+        new_state = tuple(
+            torch.where(skip > 0, h0.to(h1.dtype), h1) for h0, h1 in zip(state, new_state)
+        )
+    amp.scaler.update()  # fp16: halves the scale after an overflow, as after scaler.step
+    return loss.detach(), norm, new_state
+
+
+@torch.no_grad()
+def evaluate(model, streams: EvalStreams, amp: Amp, device) -> dict:
+    """Loss over the whole split, state carried through it; reduced across ranks."""
+    model.eval()
+    state = model.init_state(streams.b, device)
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    for x_BT, y_BT in streams:
+        with amp.autocast():
+            nll_N, state = model(x_BT, state, None, y_BT)
+        sums[0] += nll_N.double().sum()
+        sums[1] += (y_BT != IGNORE).sum()
+    model.train()
+    loss_sum, count = dist.all_reduce_sum(sums).tolist()
+    loss = loss_sum / max(count, 1)
+    return {"loss": loss, "perplexity": perplexity(loss), "bpc": loss / LN2, "tokens": count}
