@@ -31,7 +31,6 @@ test-fast: install
 
 bench: install
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m bench.run $(ARGS)
-	OMP_NUM_THREADS=1 $(PY) -m bench.masks --write
 	OMP_NUM_THREADS=1 $(PY) -m bench.guard --write
 
 bench-quality: install

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 # fp32 tokens/s one core can give this model: ~2 MFLOP per token at the ~100 GFLOP/s one core
-# gives a large fp32 product (`python -m bench.probes gemm`; 2 threads: ~200, hence the issue's
+# gives a large fp32 product (`python -m bench.probes gemm` at 5a22952; 2 threads: ~200, hence the issue's
 # ~100k tokens/s for the machine).
 CEILING_FP32_PER_THREAD = 50_000
 

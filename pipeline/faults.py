@@ -5,6 +5,8 @@
 - nan_loss: that rank's loss is multiplied by NaN in those steps (1-based, the step being
   made), so a real non-finite gradient reaches every rank through DDP's all-reduce;
 - sigstop: that rank stops itself (SIGSTOP) before that step, as a hung rank does;
+- sigterm, sigkill: that rank sends itself SIGTERM (preemption: the stop check then saves
+  and exits 75) or SIGKILL (a crash) before that step;
 - slow_start: that rank sleeps STEP seconds before it reads its data (a slow preparation
   while the other ranks wait at a collective).
 
@@ -22,7 +24,8 @@ import torch
 
 from .config import ConfigError
 
-KINDS = ("nan_loss", "sigstop", "slow_start")
+SIGNALS = {"sigstop": signal.SIGSTOP, "sigterm": signal.SIGTERM, "sigkill": signal.SIGKILL}
+KINDS = ("nan_loss", "slow_start", *SIGNALS)
 
 
 class Faults:
@@ -49,8 +52,9 @@ class Faults:
 
     def before_step(self, step: int) -> None:
         self.step = step
-        if self.active("sigstop", step):
-            os.kill(os.getpid(), signal.SIGSTOP)
+        for kind, sig in SIGNALS.items():
+            if self.active(kind, step):
+                os.kill(os.getpid(), sig)
 
 
 def parse(spec: str, rank: int) -> Faults:

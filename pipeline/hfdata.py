@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -33,10 +32,10 @@ import numpy as np
 
 from . import dist
 from .config import DataConfig
-from .data import Corpus, DataError, cache_dir, sha256_of
+from .data import Corpus, DataError, cache_dir
+from .idcache import FORMAT, open_prepared, replace_dir, verify, write_ids
 from .vocab import UNK, Vocab
 
-FORMAT = 1  # bump when the layout or the tokenization rule changes: old folders are ignored
 BATCH = 1000  # documents per map/iteration batch: bounds memory while preparing
 
 
@@ -243,23 +242,6 @@ def tokenize(
     )
 
 
-def write_ids(mapped, path: Path, limit: int) -> dict:
-    """The mapped rows, concatenated, as a flat binary file (at most `limit` ids if > 0)."""
-    h, n = hashlib.sha256(), 0
-    with open(path, "wb") as f:
-        for chunk in mapped.data.table.column("ids").chunks:
-            ids = chunk.flatten().to_numpy()
-            if limit:
-                ids = ids[: max(0, limit - n)]
-            buf = memoryview(np.ascontiguousarray(ids))
-            f.write(buf)
-            h.update(buf)
-            n += len(ids)
-        f.flush()
-        os.fsync(f.fileno())
-    return {"file": path.name, "length": n, "bytes": path.stat().st_size, "sha256": h.hexdigest()}
-
-
 def build(data: DataConfig, splits: dict, folder: Path, inputs: dict) -> dict:
     """Tokenize every split into `folder` (atomically: a temporary folder renamed into place)."""
     t0 = time.perf_counter()
@@ -288,7 +270,8 @@ def build(data: DataConfig, splits: dict, folder: Path, inputs: dict) -> dict:
         }
         for name, ds in parts.items():
             mapped = tokenize(ds, data, lut, len(vocab), dtype, work, name)
-            info = write_ids(mapped, work / f"{name}.bin", data.max_chars)
+            chunks = (c.flatten().to_numpy() for c in mapped.data.table.column("ids").chunks)
+            info = write_ids(chunks, work / f"{name}.bin", data.max_chars)
             del mapped
             for p in work.glob(f"{name}*.arrow"):  # map's own output, no longer needed
                 p.unlink()
@@ -301,58 +284,10 @@ def build(data: DataConfig, splits: dict, folder: Path, inputs: dict) -> dict:
             "num_proc": data.num_proc,
         }
         (work / "meta.json").write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
-        _replace_dir(work, folder)
+        replace_dir(work, folder)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return meta
-
-
-def _replace_dir(src: Path, dest: Path) -> None:
-    """Rename `src` to `dest`, moving a damaged `dest` aside first. An intact `dest` was built
-    meanwhile by another node on a shared file system (same key, same bytes): keep it, since
-    its ranks may be reading it already."""
-    if dest.exists():
-        if verify(dest, full=True) is not None:
-            return
-        aside = dest.with_name(f"{dest.name}.old-{os.getpid()}")
-        os.rename(dest, aside)
-        shutil.rmtree(aside, ignore_errors=True)
-    try:
-        os.rename(src, dest)
-    except OSError:
-        if verify(dest, full=False) is None:
-            raise
-
-
-# ---------------------------------------------------------------- checking and opening
-
-
-def verify(folder: Path, full: bool) -> dict | None:
-    """The folder's meta if every file is intact (sizes; and sha256 when `full`), else None."""
-    try:
-        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
-        if meta.get("format") != FORMAT:
-            return None
-        itemsize = np.dtype(meta["dtype"]).itemsize
-        for info in meta["splits"].values():
-            path = folder / info["file"]
-            if path.stat().st_size != info["bytes"] or info["bytes"] != info["length"] * itemsize:
-                return None
-            if full and sha256_of(path) != info["sha256"]:
-                return None
-        return meta
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def open_prepared(folder: Path, meta: dict) -> Corpus:
-    """Read-only memmaps: pages are read on demand, so a rank touches only its own rows."""
-    dtype = np.dtype(meta["dtype"])
-    splits = {
-        name: np.memmap(folder / info["file"], dtype=dtype, mode="r", shape=(info["length"],))
-        for name, info in meta["splits"].items()
-    }
-    return Corpus(Vocab(meta["vocab"]), splits)
 
 
 def prepare(data: DataConfig, log=print) -> Path:

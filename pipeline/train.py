@@ -474,14 +474,15 @@ class Trainer:
         return rows
 
     def checkpoint(self) -> dict:
-        """Collective (the hidden state is gathered): the complete, resumable run."""
-        self.state.train_time, self.started = self.elapsed(), budget_mod.clock()
+        """Collective (the hidden state is gathered): the complete, resumable run. Reads the
+        run's state, changes nothing."""
         return {
             "format": ckpt.FORMAT,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.amp.scaler.state_dict(),
             **self.state.to_checkpoint(self.cfg.train.sampling == "consecutive"),
+            "train_time": self.elapsed(),  # seconds of training up to now, across resumes
             "world_size": self.ctx.world_size,
             "vocab": self.vocab.to_list(),
             "config": self.cfg_dict,
@@ -531,7 +532,7 @@ class Trainer:
         s = self.state
         summary = {
             "final/step": s.step,
-            "final/train_time_s": s.train_time,
+            "final/train_time_s": self.elapsed(),
             "best/val_loss": s.best_val,
             "best/val_perplexity": perplexity(s.best_val) if s.best_val < math.inf else None,
             "best/val_bpc": s.best_val / LN2 if s.best_val < math.inf else None,

@@ -9,7 +9,8 @@ by 1 rank resumes on 2, ending where the uninterrupted run ends (to float roundi
 has dropout and weight drop: the masks are a pure function of (seed, step, global stream), so
 neither a restart nor a resize needs saved random state.
 
-`bench/elastic_soak.py` repeats the kill scenarios (the helpers below) many times in a row.
+The soak that repeated these kill scenarios many times (docs/benchmarks.md, "Distributed")
+was a one-off script: `git show 5a22952:bench/elastic_soak.py`.
 """
 
 from __future__ import annotations

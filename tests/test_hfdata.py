@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import DATA_DIR, ROOT, load_ckpt, sub_env, torchrun
 
-from pipeline import hfdata
+from pipeline import hfdata, idcache
 from pipeline.__main__ import main
 from pipeline.config import DataConfig
 
@@ -144,7 +144,7 @@ def test_damaged_cache_is_detected_and_rebuilt(prepared, tmp_path, damage, capsy
     rebuilt = hfdata.load_hf_corpus(songci(tmp_path, min_freq=2))
     assert "is damaged; rebuilding" in capsys.readouterr().out
     assert [p.name for p in (tmp_path / "hf").iterdir()] == [folder.name]  # no leftovers
-    assert hfdata.verify(copy, full=True) is not None
+    assert idcache.verify(copy, full=True) is not None
     assert rebuilt.vocab.itos == corpus.vocab.itos
     for split, ids in corpus.splits.items():
         assert np.array_equal(rebuilt.splits[split], ids)

@@ -1,0 +1,86 @@
+"""The prepared-id cache: a folder of flat id files and their meta.json, built under a
+temporary name and renamed into place whole, checked by size (every start) or sha256, and
+opened as read-only memory maps. Nothing here knows where the ids came from (pipeline/hfdata.py
+fills it from Hugging Face datasets).
+
+    <folder>/meta.json    format, vocab, dtype, per split: file, length, bytes, sha256
+    <folder>/train.bin    (validation.bin, test.bin): the ids, uint16 or uint32
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from .data import Corpus, sha256_of
+from .vocab import Vocab
+
+FORMAT = 1  # bump when the layout or the tokenization rule changes: old folders are ignored
+
+
+def write_ids(chunks: Iterable[np.ndarray], path: Path, limit: int) -> dict:
+    """Arrays of ids, concatenated, as a flat binary file (at most `limit` ids if > 0); the
+    split's record for meta.json (file, length, bytes, sha256)."""
+    h, n = hashlib.sha256(), 0
+    with open(path, "wb") as f:
+        for ids in chunks:
+            if limit:
+                ids = ids[: max(0, limit - n)]
+            buf = memoryview(np.ascontiguousarray(ids))
+            f.write(buf)
+            h.update(buf)
+            n += len(ids)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"file": path.name, "length": n, "bytes": path.stat().st_size, "sha256": h.hexdigest()}
+
+
+def replace_dir(src: Path, dest: Path) -> None:
+    """Rename `src` to `dest`, moving a damaged `dest` aside first. An intact `dest` was built
+    meanwhile by another node on a shared file system (same key, same bytes): keep it, since
+    its ranks may be reading it already."""
+    if dest.exists():
+        if verify(dest, full=True) is not None:
+            return
+        aside = dest.with_name(f"{dest.name}.old-{os.getpid()}")
+        os.rename(dest, aside)
+        shutil.rmtree(aside, ignore_errors=True)
+    try:
+        os.rename(src, dest)
+    except OSError:
+        if verify(dest, full=False) is None:
+            raise
+
+
+def verify(folder: Path, full: bool) -> dict | None:
+    """The folder's meta if every file is intact (sizes; and sha256 when `full`), else None."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+        if meta.get("format") != FORMAT:
+            return None
+        itemsize = np.dtype(meta["dtype"]).itemsize
+        for info in meta["splits"].values():
+            path = folder / info["file"]
+            if path.stat().st_size != info["bytes"] or info["bytes"] != info["length"] * itemsize:
+                return None
+            if full and sha256_of(path) != info["sha256"]:
+                return None
+        return meta
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def open_prepared(folder: Path, meta: dict) -> Corpus:
+    """Read-only memmaps: pages are read on demand, so a rank touches only its own rows."""
+    dtype = np.dtype(meta["dtype"])
+    splits = {
+        name: np.memmap(folder / info["file"], dtype=dtype, mode="r", shape=(info["length"],))
+        for name, info in meta["splits"].items()
+    }
+    return Corpus(Vocab(meta["vocab"]), splits)
