@@ -157,12 +157,7 @@ def set_timeout(seconds: float) -> None:
 def is_timeout(err: BaseException) -> bool:
     """gloo: "Timed out waiting 5000ms for recv operation"; NCCL's watchdog says "timed out"
     too (with NCCL the watchdog usually ends the process itself)."""
-    return (
-        _group_started
-        and isinstance(err, RuntimeError)
-        and "timed out" in str(err).lower()
-        and not isinstance(err, ConfigError)
-    )
+    return _group_started and isinstance(err, RuntimeError) and "timed out" in str(err).lower()
 
 
 def hung(err: BaseException, timeout_s: float) -> Hung:

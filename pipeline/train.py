@@ -59,13 +59,12 @@ def run(cfg: Config) -> dict:
     try:
         return Trainer(cfg, ctx).fit()
     except BaseException as err:
-        if dist.is_timeout(err):
-            err = dist.hung(err, cfg.train.dist_timeout)
+        hung = dist.hung(err, cfg.train.dist_timeout) if dist.is_timeout(err) else None
         # The traceback keeps the trainer's frames alive, and with them the DDP model: drop
         # them before the process group goes, or gloo may abort at interpreter exit.
         traceback.clear_frames(err.__traceback__)
-        if isinstance(err, dist.Hung):
-            raise err from None
+        if hung is not None:
+            raise hung from None
         raise
     finally:
         rundir.release()
