@@ -46,6 +46,14 @@ NEAR = 0.01  # of the budget: a re-plan this close before its mark counts as at 
 clock = time.monotonic
 
 
+def saved_plans(saved_train: dict) -> dict:
+    """The train.* keys a budget run goes on with from its checkpoint: its LR plans so far
+    and their last horizon (it then plans again with what is left); {} when it has none."""
+    if not saved_train.get("schedule_plans"):
+        return {}
+    return {k: saved_train[k] for k in ("schedule_plans", "schedule_steps", "max_steps")}
+
+
 def occurrences(every: int, after: int, upto: int) -> int:
     """Multiples of `every` in (after, upto], plus the one at the stop when `upto` is none."""
     if every <= 0:

@@ -258,3 +258,18 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def on_main(action, *errors: type[Exception]):
+    """Collective: rank 0 runs `action()`; an error of the given kinds that it raises is
+    raised on every rank (same kind, same message), so all ranks leave alike. The broadcast
+    is also a barrier: no rank goes on before rank 0 is done."""
+    failed = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            action()
+        except errors as err:
+            failed = (next(i for i, e in enumerate(errors) if isinstance(err, e)), str(err))
+    failed = broadcast_object(failed)
+    if failed is not None:
+        raise errors[failed[0]](failed[1])

@@ -60,3 +60,18 @@ def generate(
         x = torch.tensor([[nxt]], device=device)
     model.train(was_training)
     return vocab.decode(ids)
+
+
+def samples(model: nn.Module, vocab: Vocab, gcfg, seed: int, device) -> list[tuple[str, str]]:
+    """(prefix, text) for each of generate.prefixes, as a training run shows them at an
+    evaluation; a prefix the vocabulary cannot take is reported in its text, not raised."""
+    rows = []
+    for prefix in gcfg.prefixes:
+        try:
+            text = generate(
+                model, vocab, prefix, gcfg.length, gcfg.temperature, gcfg.top_k, seed, device
+            )
+        except PrefixError as err:
+            text = f"(skipped: {err})"
+        rows.append((prefix, text))
+    return rows

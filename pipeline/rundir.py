@@ -21,6 +21,7 @@ import socket
 import time
 from pathlib import Path
 
+from . import dist
 from .config import ConfigError
 
 LOCK_NAME = "run.lock"
@@ -84,3 +85,10 @@ def acquire(run_dir: Path, wait_s: float = 0.0) -> None:
 def release() -> None:
     while _held:
         _held.pop().close()
+
+
+def lock(run_dir: Path) -> None:
+    """Collective: rank 0 takes the run directory's lock before anything is read or written
+    (a second job touches nothing); every rank learns the outcome (exit status 2)."""
+    wait_s = 30.0 if dist.restart_count() else 0.0  # the last attempt's rank 0 may linger
+    dist.on_main(lambda: acquire(run_dir, wait_s=wait_s), RunDirBusy)

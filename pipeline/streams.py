@@ -49,7 +49,11 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch) % (2**63 - 1)
 
 
-class ConsecutiveStreams:
+class RankBatches:
+    """This rank's share of every global minibatch: b = batch_size / world_size streams of
+    num_steps characters. Small in-memory corpora go to the device once; memory-mapped ones
+    are sliced per batch, so that resident memory does not grow with the corpus."""
+
     def __init__(
         self,
         ids: np.ndarray,
@@ -58,25 +62,36 @@ class ConsecutiveStreams:
         rank: int,
         world_size: int,
         device: torch.device,
+        seed: int = 0,
     ):
         self.b = local_batch(batch_size, world_size)
-        self.T = num_steps
-        self.batch_len = len(ids) // batch_size
-        self.epoch_size = (self.batch_len - 1) // num_steps
-        if self.epoch_size < 1:
-            need = batch_size * (num_steps + 1)
-            raise DataError(
-                f"training split has {len(ids)} characters; consecutive sampling "
-                f"with batch_size={batch_size} and num_steps={num_steps} needs at "
-                f"least {need}"
-            )
-        start = rank * self.b * self.batch_len
-        shard = ids[start : start + self.b * self.batch_len].reshape(self.b, self.batch_len)
-        # Small in-memory corpora go to the device once; memory-mapped ones are sliced per batch
-        # so that resident memory does not grow with the corpus.
+        self.B, self.T, self.rank = batch_size, num_steps, rank
+        self.seed, self.device = seed, device
         self.lazy = isinstance(ids, np.memmap)
-        self.rows = shard if self.lazy else _to_device(shard, device)
-        self.device = device
+        self.epoch_size = self._layout(ids)
+        if self.epoch_size < 1:
+            raise DataError(
+                f"training split has {len(ids)} characters; {self.sampling} sampling with "
+                f"batch_size={batch_size} and num_steps={num_steps} needs at least "
+                f"{self._need()}"
+            )
+
+    def _on_device(self, a: np.ndarray):
+        return a if self.lazy else _to_device(a, self.device)
+
+
+class ConsecutiveStreams(RankBatches):
+    sampling = "consecutive"
+
+    def _layout(self, ids: np.ndarray) -> int:
+        self.batch_len = len(ids) // self.B
+        start = self.rank * self.b * self.batch_len
+        shard = ids[start : start + self.b * self.batch_len].reshape(self.b, self.batch_len)
+        self.rows = self._on_device(shard)
+        return (self.batch_len - 1) // self.T
+
+    def _need(self) -> int:
+        return self.B * (self.T + 1)
 
     def batch(self, epoch: int, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         lo = i * self.T
@@ -87,33 +102,18 @@ class ConsecutiveStreams:
         return xy[:, :-1], xy[:, 1:]
 
 
-class RandomWindows:
-    def __init__(
-        self,
-        ids: np.ndarray,
-        batch_size: int,
-        num_steps: int,
-        rank: int,
-        world_size: int,
-        device: torch.device,
-        seed: int,
-    ):
-        self.b = local_batch(batch_size, world_size)
-        self.B, self.T, self.rank, self.seed = batch_size, num_steps, rank, seed
-        self.num_examples = (len(ids) - 1) // num_steps
-        self.epoch_size = self.num_examples // batch_size
-        if self.epoch_size < 1:
-            need = batch_size * num_steps + 1
-            raise DataError(
-                f"training split has {len(ids)} characters; random sampling with "
-                f"batch_size={batch_size} and num_steps={num_steps} needs at least "
-                f"{need}"
-            )
-        self.lazy = isinstance(ids, np.memmap)
-        self.ids = ids if self.lazy else _to_device(ids, device)
-        self.device = device
+class RandomWindows(RankBatches):
+    sampling = "random"
+
+    def _layout(self, ids: np.ndarray) -> int:
+        self.num_examples = (len(ids) - 1) // self.T
+        self.ids = self._on_device(ids)
         self._perm: tuple[int, torch.Tensor] | None = None
-        self._offsets = torch.arange(num_steps + 1, device=device)
+        self._offsets = torch.arange(self.T + 1, device=self.device)
+        return self.num_examples // self.B
+
+    def _need(self) -> int:
+        return self.B * self.T + 1
 
     def permutation(self, epoch: int) -> torch.Tensor:
         if self._perm is None or self._perm[0] != epoch:
@@ -133,9 +133,8 @@ class RandomWindows:
 
 
 def make_train_streams(ids, sampling, batch_size, num_steps, rank, world_size, device, seed):
-    if sampling == "consecutive":
-        return ConsecutiveStreams(ids, batch_size, num_steps, rank, world_size, device)
-    return RandomWindows(ids, batch_size, num_steps, rank, world_size, device, seed)
+    kind = ConsecutiveStreams if sampling == "consecutive" else RandomWindows
+    return kind(ids, batch_size, num_steps, rank, world_size, device, seed)
 
 
 def eval_row_bounds(n_ids: int, batch_size: int) -> list[tuple[int, int]]:
@@ -158,15 +157,7 @@ class EvalStreams:
     are all IGNORE. So the summed loss covers each target exactly once, and the rows (hence
     the loss, to float rounding) do not depend on W."""
 
-    def __init__(
-        self,
-        ids: np.ndarray,
-        batch_size: int,
-        num_steps: int,
-        rank: int,
-        world_size: int,
-        device: torch.device,
-    ):
+    def __init__(self, ids: np.ndarray, batch_size, num_steps, rank, world_size, device):
         if len(ids) < 2:
             raise DataError(f"evaluation split has {len(ids)} characters; need at least 2")
         rows = min(batch_size, len(ids) - 1)

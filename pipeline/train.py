@@ -9,9 +9,7 @@ benchmarks run the same ones); this module orders everything around them.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,22 +20,19 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from . import budget as budget_mod
 from . import checkpoint as ckpt
 from . import config as config_mod
-from . import dist, faults, rundir
+from . import dist, faults, resume, rundir
 from .amp import Amp
 from .budget import TimeBudget
-from .config import Config, ConfigError
+from .config import Config
 from .corpus import load_corpus
-from .generate import PrefixError, generate
-from .metrics import LN2, Progress, RunLogger, TrainAccumulator, perplexity
+from .generate import samples
+from .metrics import LN2, TrainAccumulator, perplexity
 from .model import build_model
 from .noise import Noise
 from .nonfinite import Diverged, NonFiniteGuard
-from .optim import (
-    build_optimizer,
-    lr_at,
-    schedule_plans,
-    warn_schedule_change,
-)
+from .optim import build_optimizer, lr_at, schedule_plans, warn_schedule_change
+from .runlog import RunLog, RunRecord, run_id_for
+from .saver import Saver, check_room
 from .state import TrainState, carried
 from .step import evaluate, train_step
 from .stopper import Stopper
@@ -100,40 +95,6 @@ def _data(cfg: Config, ctx: dist.DistContext):
     return corpus.vocab, streams, valid
 
 
-def resolve_resume(cfg: Config, run_dir: Path, log) -> tuple[Path, dict] | None:
-    mode = cfg.train.resume
-    if mode == "never":
-        existing = ckpt.candidates(run_dir) + [p for p in [run_dir / "metrics.jsonl"] if p.exists()]
-        if existing and not cfg.run.overwrite:
-            raise ConfigError(
-                f"run directory '{run_dir}' already holds a run "
-                f"({existing[0].name}); with train.resume=never set "
-                f"run.overwrite=true to replace it, or choose another run.dir"
-            )
-        return None
-    if mode == "auto":
-        return ckpt.load_latest_good(run_dir, warn=log)
-    return Path(mode), ckpt.load(mode)
-
-
-def run_id_for(state: TrainState, run_dir: Path, restarted: bool, is_main: bool) -> str:
-    """The wandb run of this job: the checkpoint's; after an elastic restart that found no
-    checkpoint, the one the first attempt wrote to run.dir/run.json; else WANDB_RUN_ID (set
-    by `wandb agent` for a sweep's trial) or a new one."""
-    path = run_dir / "run.json"
-    run_id = state.run_id
-    if not run_id and restarted and path.is_file():
-        run_id = json.loads(path.read_text(encoding="utf-8")).get("wandb_run_id", "")
-    if not run_id:
-        import secrets
-
-        run_id = os.environ.get("WANDB_RUN_ID") or secrets.token_hex(4)
-    run_id = dist.broadcast_object(run_id)
-    if is_main:
-        path.write_text(json.dumps({"wandb_run_id": run_id}) + "\n", encoding="utf-8")
-    return run_id
-
-
 @dataclass
 class Every:
     """A component's "when": every `steps` steps, else (steps = 0) at the end of every
@@ -159,7 +120,8 @@ class Trainer:
         self.cfg, self.ctx, self.run_dir = cfg, ctx, Path(cfg.run.dir)
         self.cfg_dict = config_mod.to_dict(cfg)
         self.log = print if ctx.is_main else (lambda *a, **k: None)
-        self._lock_run_dir()  # before anything is read or written: a second job touches nothing
+        self.runlog: RunLog | None = None  # the sinks, once the run directory is open
+        rundir.lock(self.run_dir)  # before anything is read or written
         faults.slow_start(ctx.rank)
         self.vocab, self.streams, self.valid = _data(cfg, ctx)
         torch.manual_seed(tcfg.seed)  # the initial parameters: alike on every rank
@@ -172,88 +134,40 @@ class Trainer:
         # A time budget plans the LR horizon unless the config gives it (a rerun of a budget
         # run's config.yaml); the cap stays the user's even when a resume adopts the plans.
         budget = tcfg.time_budget if not (tcfg.schedule_steps or tcfg.schedule_plans) else 0
-        self.cap = tcfg.max_steps or tcfg.epochs * self.streams.epoch_size
+        self.cap = self.total_steps = tcfg.max_steps or tcfg.epochs * self.streams.epoch_size
         self.state = self._resume(budget > 0)
         self.train_model = DDP(self.model) if ctx.distributed else self.model  # after loading
         if tcfg.compile:
             self.train_model = torch.compile(self.train_model)
         self.first_stream = ctx.rank * self.streams.b  # global index of this rank's row 0
-        self.total_steps = tcfg.max_steps or tcfg.epochs * self.streams.epoch_size
         planned = not budget or tcfg.schedule_plans  # else the peak until the first plan
         self.plans = schedule_plans(tcfg, self.streams.epoch_size) if planned else []
         self.log_when = Every(tcfg.log_every, 1)
         self.eval_when = Every(tcfg.eval_every, tcfg.eval_every_epochs)
         self.save_when = Every(tcfg.checkpoint_every)
         self.budget = TimeBudget(budget, self.state.step, tcfg.warmup_steps)
+        self.saver = Saver(self.run_dir, tcfg.keep_checkpoints, self.guard, self.log)
         self.val_step = -1
-        self._check_space()
+        check_room(self.run_dir, self.params, tcfg.optimizer)
         self._open_run_dir()
         self.last_train: dict = {}
         self.last_val: dict = {}
         self.diverged = ""  # the message when a save found non-finite values
 
-    def _lock_run_dir(self) -> None:
-        """Rank 0 takes the run directory's lock; every rank learns the outcome (exit 2)."""
-        error = ""
-        if self.ctx.is_main:
-            try:  # an elastic restart may begin while the last attempt's rank 0 is reaped
-                rundir.acquire(self.run_dir, wait_s=30.0 if dist.restart_count() else 0.0)
-            except rundir.RunDirBusy as err:
-                error = str(err)
-        error = dist.broadcast_object(error)
-        if error:
-            raise rundir.RunDirBusy(error)
-
-    def _check_space(self) -> None:
-        """Before training: a checkpoint of this run must fit into the run directory (model,
-        optimizer moments, carried state; the optimizer's moments may not exist yet)."""
-        moments = 2 if self.cfg.train.optimizer in ("adam", "adamw") else 0
-        model_bytes = sum(p.numel() * p.element_size() for p in self.params)
-        need = (1 + moments) * model_bytes + ckpt.OVERHEAD_BYTES
-        error = ""
-        if self.ctx.is_main:
-            try:
-                ckpt.check_space(ckpt.checkpoint_dir(self.run_dir), need, "a checkpoint")
-            except ckpt.DiskFull as err:
-                error = str(err)
-        error = dist.broadcast_object(error)
-        if error:
-            raise ckpt.DiskFull(error)
-
     def _resume(self, budget: bool) -> TrainState:
-        """Load the checkpoint to go on from (if any) into model, optimizer and scaler; a
-        budget run goes on with the saved LR plans (and plans again with what is left)."""
-        tcfg, run_dir = self.cfg.train, self.run_dir
-        if self.ctx.is_main and tcfg.resume == "never" and self.cfg.run.overwrite:
-            for p in ckpt.candidates(run_dir) + [ckpt.checkpoint_dir(run_dir) / "best.pt"]:
-                p.unlink(missing_ok=True)
-        dist.barrier()
-        found = resolve_resume(self.cfg, run_dir, self.log)
+        """The checkpoint to go on from (if any), loaded; a budget run goes on with the saved
+        LR plans (and plans again with what is left)."""
+        found = resume.find(self.cfg, self.run_dir, self.ctx.is_main, self.log)
         if not found:
             return TrainState()
         path, saved = found
         ckpt.check_compatible(saved, self.cfg_dict, self.vocab.to_list(), path)
-        self.model.load_state_dict(saved["model"])
-        fused = [group.get("fused") for group in self.optimizer.param_groups]
-        self.optimizer.load_state_dict(saved["optimizer"])
-        for group, f in zip(self.optimizer.param_groups, fused):  # THIS run's amp mode's kernels
-            group["fused"] = f
-        if saved["scaler"]:
-            self.amp.scaler.load_state_dict(saved["scaler"])
-        state = TrainState.from_checkpoint(saved, self.ctx.rank, self.streams.b, self.ctx.device)
-        if state.batch >= self.streams.epoch_size:  # data.* may change on resume; this cannot
-            raise ckpt.CheckpointError(
-                f"checkpoint '{path}' stopped after minibatch {state.batch} of epoch "
-                f"{state.epoch}, but the training data now gives {self.streams.epoch_size} "
-                f"minibatches an epoch: the corpus changed; use another run.dir or "
-                f"train.resume=never"
-            )
+        resume.load_into(saved, self.model, self.optimizer, self.amp.scaler)
+        state = resume.position(saved, path, self.ctx.rank, self.streams, self.ctx.device)
         was = saved["config"]["train"]
-        if budget and was.get("schedule_plans"):
-            tcfg.schedule_plans = was["schedule_plans"]
-            tcfg.schedule_steps, tcfg.max_steps = was["schedule_steps"], was["max_steps"]
-            self.cfg_dict = config_mod.to_dict(self.cfg)
-        warn_schedule_change(saved["config"]["train"], tcfg, self.streams.epoch_size, self.log)
+        if budget:
+            self._adopt(**budget_mod.saved_plans(was))
+        warn_schedule_change(was, self.cfg.train, self.streams.epoch_size, self.log)
         self.log(
             f"resumed from '{path}' at step {state.step} (epoch {state.epoch}, "
             f"minibatch {state.batch}; saved with {saved.get('world_size')} ranks)"
@@ -261,28 +175,22 @@ class Trainer:
         return state
 
     def _open_run_dir(self) -> None:
-        """config.yaml, run.json, the metrics sinks and the progress display."""
+        """config.yaml, run.json and the sinks (metrics.jsonl, wandb, console)."""
         cfg, ctx, s = self.cfg, self.ctx, self.state
         if ctx.is_main:
             self._write_config()
         restarted = dist.restart_count() > 0
-        s.run_id = run_id_for(s, self.run_dir, restarted, ctx.is_main)
-        self.logger = RunLogger(
-            self.run_dir,
-            cfg,
-            self.cfg_dict,
-            ctx.world_size,
-            ctx.device,
-            s.run_id,
-            s.step,
-            ctx.is_main,
+        s.run_id = run_id_for(s.run_id, self.run_dir, restarted, ctx.is_main)
+        record = RunRecord(
+            run_id=s.run_id,
+            world_size=ctx.world_size,
+            device=ctx.device.type,
+            precision=self.amp.mode,
+            resume_step=s.step,
+            restarted=restarted,
             hold=cfg.train.checkpoint_every > 0,
-            keep_history=restarted and s.step == 0,
-            amp=self.amp.mode,
         )
-        self.progress = Progress(
-            cfg.logging.progress if ctx.is_main else "off", self.total_steps, s.step
-        )
+        self.runlog = RunLog(cfg, record, ctx.is_main, self.total_steps)
         self.log(
             f"{cfg.model.kind}: {sum(p.numel() for p in self.params):,} parameters, "
             f"vocabulary {len(self.vocab)}, {self.streams.epoch_size} minibatches/epoch, "
@@ -336,12 +244,12 @@ class Trainer:
                 periodic = self.save_when.due(s, end_of_epoch)
                 if reason != "diverged" and (reason or periodic):
                     self.save(None if periodic else "last.pt")
-                    self.logger.commit()  # wandb gets the events up to this resumable point
+                    self.runlog.commit()  # wandb gets the events up to this resumable point
         except Diverged as err:  # a save found non-finite values: the same on every rank
             reason, self.diverged = "diverged", str(err)
         finally:
             stopper.restore()
-            self.progress.close()
+            self.runlog.console.close()
         return self.finish(reason)
 
     # ------------------------------------------------------------ what the loop calls
@@ -390,14 +298,18 @@ class Trainer:
 
     def _adopt(self, **train_keys) -> None:
         """The one place a budget decision enters the run: train.* keys, the resolved config
-        (checkpoints), config.yaml, the step count the loop and the progress display run to."""
+        (checkpoints), the step count the loop runs to and, once the run directory is open,
+        config.yaml and the progress display."""
+        if not train_keys:
+            return
         for key, value in train_keys.items():
             setattr(self.cfg.train, key, value)
         self.total_steps = self.cfg.train.max_steps
         self.cfg_dict = config_mod.to_dict(self.cfg)
-        if self.ctx.is_main:
-            self._write_config()
-        self.progress.set_total(self.total_steps)
+        if self.runlog is not None:
+            if self.ctx.is_main:
+                self._write_config()
+            self.runlog.console.set_total(self.total_steps)
 
     def _write_config(self) -> None:
         """run.dir/config.yaml: the resolved config, headed by the precision this machine used
@@ -416,6 +328,7 @@ class Trainer:
             "opt/lr": self.optimizer.param_groups[0]["lr"],
             "train/chars": s.step * self.cfg.train.batch_size * self.cfg.train.num_steps,
             "world_size": ctx.world_size,
+            "precision": self.amp.mode,  # the one used: train.amp=auto resolved
             "time/elapsed_s": self.elapsed(),
         }
         if self.amp.mode == "fp16":
@@ -424,8 +337,7 @@ class Trainer:
             self.last_train["perf/gpu_peak_gib"] = (
                 torch.cuda.max_memory_allocated(ctx.device) / 2**30
             )
-        self.logger.log(s.step, self.last_train)
-        self.progress.update(s.step, self.last_train)
+        self.runlog.train(s.step, self.last_train)
 
     def validate(self) -> None:
         """Collective: validation loss over the whole split (best.pt when it improved), then
@@ -440,7 +352,7 @@ class Trainer:
             self.last_val = {"val/loss": v["loss"], "val/perplexity": v["perplexity"]}
             self.last_val["val/bpc"] = v["bpc"]
             event = {**self.last_val, "epoch": s.epoch, "time/elapsed_s": self.elapsed()}
-            self.logger.log(s.step, event)
+            self.runlog.log(s.step, event)
             self.log(
                 f"step {s.step}: validation perplexity {v['perplexity']:.3f}, "
                 f"{v['bpc']:.3f} bits/char over {int(v['tokens'])} characters"
@@ -449,28 +361,9 @@ class Trainer:
                 s.best_val = v["loss"]
                 self.save("best.pt")
         if self.ctx.is_main and self.cfg.generate.prefixes:
-            self.logger.samples(s.step, self._samples())
+            g, seed = self.cfg.generate, self.cfg.train.seed
+            self.runlog.samples(s.step, samples(self.model, self.vocab, g, seed, self.ctx.device))
         self.budget.evals.append(budget_mod.clock() - began)
-
-    def _samples(self) -> list[tuple[str, str]]:
-        g, rows = self.cfg.generate, []
-        for prefix in g.prefixes:
-            try:
-                text = generate(
-                    self.model,
-                    self.vocab,
-                    prefix,
-                    g.length,
-                    g.temperature,
-                    g.top_k,
-                    seed=self.cfg.train.seed,
-                    device=self.ctx.device,
-                )
-            except PrefixError as err:
-                text = f"(skipped: {err})"
-            rows.append((prefix, text))
-            self.progress.write(f" - {text}")
-        return rows
 
     def checkpoint(self) -> dict:
         """Collective (the hidden state is gathered): the complete, resumable run. Reads the
@@ -488,43 +381,12 @@ class Trainer:
         }
 
     def save(self, name: str | None) -> None:
-        """Collective: rank 0 writes `name`, or (None) a periodic step_N.pt that last.pt then
-        names; every rank learns whether the write succeeded. Nothing is saved during a
-        streak of non-finite steps, and a state with non-finite values is never written (the
-        run has diverged: every rank decides alike, the state is the same on every rank)."""
-        s, began = self.state, budget_mod.clock()
-        dist.doing(f"the checkpoint at step {s.step}")
-        streak, tripped = self.guard.state()  # an I/O edge: the host may look here
-        if streak or tripped >= 0:
-            self.log(
-                f"step {s.step}: not saving {name or 'a periodic checkpoint'}: in a streak of "
-                f"{streak} non-finite steps (the checkpoints on disk stay as they are)"
-            )
-            return
-        state = self.checkpoint()
-        bad = ckpt.first_nonfinite(state)
-        if bad is not None:
-            raise Diverged(
-                f"diverged: at step {s.step} the run's {bad} holds non-finite values, so it "
-                f"was not saved; the checkpoints on disk stay as they are"
-            )
-        error = ""
-        if self.ctx.is_main:
-            cdir = ckpt.checkpoint_dir(self.run_dir)
-            try:
-                if name is None:
-                    target = cdir / f"step_{s.step:08d}.pt"
-                    ckpt.save_atomic(state, target)
-                    ckpt.link_atomic(target, cdir / "last.pt")
-                    ckpt.prune(self.run_dir, self.cfg.train.keep_checkpoints)
-                else:
-                    ckpt.save_atomic(state, cdir / name)
-            except ckpt.DiskFull as err:
-                error = str(err)
-        error = dist.broadcast_object(error)  # also the barrier: every rank waits for the file
-        if error:
-            raise ckpt.DiskFull(error)
-        if name != "best.pt":  # best.pt is part of an evaluation's time
+        """Collective: `name`, or (None) a periodic checkpoint that last.pt then names; its
+        time counts for the budget (best.pt's is part of an evaluation's)."""
+        began = budget_mod.clock()
+        dist.doing(f"the checkpoint at step {self.state.step}")
+        saved = self.saver.save(self.checkpoint, self.state.step, name)
+        if saved and name != "best.pt":
             self.budget.saves.append(budget_mod.clock() - began)
 
     def finish(self, reason: str) -> dict:
@@ -537,7 +399,7 @@ class Trainer:
             "best/val_bpc": s.best_val / LN2 if s.best_val < math.inf else None,
             "world_size": self.ctx.world_size,
         }
-        self.logger.finish({k: v for k, v in summary.items() if v is not None})
+        self.runlog.finish({k: v for k, v in summary.items() if v is not None})
         if reason == "preempted":
             where = ckpt.checkpoint_dir(self.run_dir) / "last.pt"
             self.log(f"preempted: saved step {s.step} to {where}")

@@ -16,8 +16,10 @@ import torch
 from conftest import ROOT, TINY, load_ckpt, run_cli, sub_env, torchrun
 
 from pipeline.amp import resolve
-from pipeline.metrics import Progress, read_jsonl, wandb_mode
+from pipeline.metrics import read_jsonl
+from pipeline.progress import Progress
 from pipeline.wandb_history import attempts, history_steps, read_records
+from pipeline.wandb_sink import wandb_mode
 
 FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"
 SMALL = [

@@ -1,0 +1,59 @@
+"""When a checkpoint is written, and whether: never during a streak of non-finite steps,
+never a state that holds NaN or inf; rank 0 writes, every rank learns the outcome (a full
+disk ends every rank alike)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import checkpoint as ckpt
+from . import dist
+from .nonfinite import Diverged, NonFiniteGuard
+
+
+def check_room(run_dir: Path, params: list, optimizer: str) -> None:
+    """Collective, before training: a checkpoint of this run must fit into the run directory
+    (model, optimizer moments, carried state; the moments may not exist yet)."""
+    moments = 2 if optimizer in ("adam", "adamw") else 0
+    model_bytes = sum(p.numel() * p.element_size() for p in params)
+    need = (1 + moments) * model_bytes + ckpt.OVERHEAD_BYTES
+    where = ckpt.checkpoint_dir(run_dir)
+    dist.on_main(lambda: ckpt.check_space(where, need, "a checkpoint"), ckpt.DiskFull)
+
+
+class Saver:
+    def __init__(self, run_dir: Path, keep: int, guard: NonFiniteGuard, log):
+        self.cdir, self.run_dir, self.keep = ckpt.checkpoint_dir(run_dir), run_dir, keep
+        self.guard, self.log = guard, log
+
+    def save(self, checkpoint, step: int, name: str | None) -> bool:
+        """Collective: rank 0 writes `name`, or (None) a periodic step_N.pt that last.pt then
+        names, from `checkpoint()` (collective too). False when nothing was written (a
+        streak of non-finite steps); Diverged when the state holds non-finite values (every
+        rank decides alike: the state is the same on every rank)."""
+        streak, tripped = self.guard.state()  # an I/O edge: the host may look here
+        if streak or tripped >= 0:
+            self.log(
+                f"step {step}: not saving {name or 'a periodic checkpoint'}: in a streak of "
+                f"{streak} non-finite steps (the checkpoints on disk stay as they are)"
+            )
+            return False
+        state = checkpoint()
+        bad = ckpt.first_nonfinite(state)
+        if bad is not None:
+            raise Diverged(
+                f"diverged: at step {step} the run's {bad} holds non-finite values, so it "
+                f"was not saved; the checkpoints on disk stay as they are"
+            )
+
+        def write():
+            if name is None:
+                target = self.cdir / f"step_{step:08d}.pt"
+                ckpt.save_atomic(state, target)
+                ckpt.link_atomic(target, self.cdir / "last.pt")
+                ckpt.prune(self.run_dir, self.keep)
+            else:
+                ckpt.save_atomic(state, self.cdir / name)
+
+        dist.on_main(write, ckpt.DiskFull)  # every rank waits for the file
+        return True
