@@ -8,8 +8,19 @@ Trains with `train.time_budget=BUDGET` (training time, evaluations and saves inc
 start-up, data preparation and the final evaluation of best.pt are not counted: the LR
 schedule ends when the budget does, on whatever machine runs it), evaluates
 `checkpoints/best.pt` over the whole validation and test splits (`python -m pipeline eval`),
-generates samples for a few prefixes, prints it all and appends a section to
-docs/benchmarks.md (unless --no-write).
+generates samples for a few prefixes and prints it all.
+
+Unless --no-write, the result REPLACES its section of record in docs/benchmarks.md, under
+"## Quality": one section per run kind, headed without a date,
+
+    ### Quality: configs/songci_cpu.yaml, 1 process, fp32, 600 s
+
+(config, processes, the precision `train.amp` resolved to, budget; overrides other than
+`train.amp` are added to the heading, so an exploration does not overwrite the recipe's
+record; use --no-write for those). The block holds the date, the command (with the
+environment variables that change what runs: PIPELINE_NATIVE_BF16, ONEDNN_MAX_CPU_ISA,
+OMP_NUM_THREADS), the machine, the table, the budget's outcome and the samples. A rerun of
+the same kind replaces its section; history stays in git.
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from bench.report import replace_section
 from pipeline.amp import cpu_has_native_bf16, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,6 +143,7 @@ def main(argv=None) -> int:
         samples.append(out.strip())
     resolved = config_of(run_dir)["train"]  # the budget's horizon, written by the run
     result = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
         "config": args.config,
         "overrides": args.overrides,
         "nproc": args.nproc,
@@ -155,7 +168,7 @@ def main(argv=None) -> int:
         with open(args.json, "a", encoding="utf-8") as f:
             f.write(json.dumps(result, ensure_ascii=False) + "\n")
     if not args.no_write:
-        append_doc(result, argv if argv is not None else sys.argv[1:])
+        write_doc(result, argv if argv is not None else sys.argv[1:])
     return 0
 
 
@@ -165,7 +178,36 @@ def config_of(run_dir: Path) -> dict:
     return yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
 
 
-def append_doc(r: dict, argv: list[str]) -> None:
+ENV_SHOWN = ("PIPELINE_NATIVE_BF16", "ONEDNN_MAX_CPU_ISA", "OMP_NUM_THREADS")
+
+
+def heading(r: dict) -> str:
+    """The section of record for this kind of run: no date, so a rerun replaces it."""
+    procs = "1 process" if r["nproc"] == 1 else f"{r['nproc']} processes"
+    amp = "fp32" if r["amp"] == "off" else r["amp"]
+    extra = [o for o in r["overrides"] if not o.startswith("train.amp=")]
+    tail = f", {' '.join(extra)}" if extra else ""
+    return f"### Quality: {r['config']}, {procs}, {amp}, {r['budget_s']:g} s{tail}"
+
+
+def command(argv: list[str]) -> str:
+    """The command that reproduces the run: the environment that changes it, then the
+    arguments less --json/--run-dir (where results go, not what runs)."""
+    args, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--json", "--run-dir"):
+            skip = True
+        elif not a.startswith(("--json=", "--run-dir=")):
+            args.append(a)
+    env = [f"{k}={os.environ[k]}" for k in ENV_SHOWN if k in os.environ]
+    return " ".join([*env, "python -m bench.quality", *args])
+
+
+def write_doc(r: dict, argv: list[str], doc: Path = DOC) -> None:
+    """Replace (or, the first time, add at the end of "## Quality") the section of record
+    for this run's kind in `doc`."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -175,12 +217,15 @@ def append_doc(r: dict, argv: list[str]) -> None:
     except OSError:
         pass
     load = os.getloadavg()[0]
+    forced = os.environ.get("PIPELINE_NATIVE_BF16", "")
+    native = f"{'native' if r['native_bf16'] else 'no native'} bf16" + (
+        f" (PIPELINE_NATIVE_BF16={forced})" if forced in ("0", "1") else ""
+    )
     text = [
-        f"\n### {r['config']}, {r['budget_s']:.0f} s, {r['nproc']} process(es) "
-        f"({time.strftime('%Y-%m-%d %H:%M')})\n",
-        f"Command: `python -m bench.quality {' '.join(argv)}`. Machine: {cpu}, "
-        f"{os.cpu_count()} cores, {'native' if r['native_bf16'] else 'no native'} bf16, "
-        f"amp {r['amp']}, torch {torch.__version__}, load average {load:.1f} at the end.\n",
+        heading(r) + "\n",
+        f"{r['date']}. Command: `{command(argv)}`. Machine: {cpu}, {os.cpu_count()} cores, "
+        f"{native}, amp {r['amp']}, torch {torch.__version__}, load average {load:.1f} at "
+        "the end.\n",
         "| split | loss (nats) | perplexity | bits/char | characters |",
         "|---|---:|---:|---:|---:|",
     ]
@@ -202,10 +247,10 @@ def append_doc(r: dict, argv: list[str]) -> None:
     text.append("Samples (temperature 0.8, top-k 20, seed 0):\n")
     for s in r["samples"]:
         text.append("```\n" + s + "\n```")
-    doc = DOC.read_text(encoding="utf-8") if DOC.exists() else "# Benchmarks\n\n## Quality\n"
-    block = "\n".join(text) + "\n"
-    at = doc.find("\n## GPU")  # results go at the end of the Quality section
-    DOC.write_text(doc[:at] + block + doc[at:] if at >= 0 else doc + block, encoding="utf-8")
+    if not doc.exists():
+        doc.parent.mkdir(parents=True, exist_ok=True)
+        doc.write_text("# Benchmarks\n\n## Quality\n", encoding="utf-8")
+    replace_section(doc, heading(r), "\n".join(text) + "\n", parent="## Quality")
 
 
 if __name__ == "__main__":

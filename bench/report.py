@@ -1,7 +1,9 @@
 """Render bench/results.json into docs/benchmarks.md.
 
 Only the text between `<!-- bench.run:NAME -->` and `<!-- /bench.run:NAME -->` is regenerated;
-everything else in the file (other sections, prose, numbers added by other benchmarks) stays.
+everything else in the file (other sections, prose) stays. Other benchmarks replace their own
+section with `replace_section` (bench.guard: "## Non-finite guard"; bench.quality: one
+"### Quality: ..." section per kind of run): nothing appends to the page, history stays in git.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ CEILING_FP32_PER_THREAD = 50_000
 
 SKELETON = """# Benchmarks
 
-All numbers on this page are measured, with the command that produced them. Regenerate the
-marked tables with `make bench` (throughput, DDP) and `python -m bench.run --parity`; they come
-from `bench/results.json`.
+The current tables of record, each with the command that reproduces it, the machine and the
+date; history stays in git. Regenerate the marked tables with `make bench` (throughput, DDP)
+and `python -m bench.run --parity`; they come from `bench/results.json`. Each script replaces
+its own section; nothing appends.
 
 ## Seed parity
 
@@ -164,14 +167,48 @@ def summary(results: dict) -> str:
     return "\n".join(out)
 
 
-def replace_section(path: Path, head: str, block: str) -> None:
-    """Put `block` (starting with the `head` line) in place of the section `head` of `path`,
-    up to the next `## ` heading; appended when the section is not there yet."""
-    body = path.read_text(encoding="utf-8")
-    start = body.find(head)
-    if start >= 0:
-        end = body.find("\n## ", start + len(head))
-        body = body[:start] + block + (body[end:] if end >= 0 else "")
+def _headings(lines: list[str]):
+    """(index, level, text) of each Markdown heading line (`## x`: level 2), fenced code
+    blocks skipped."""
+    fence = False
+    for i, line in enumerate(lines):
+        if line.startswith("```"):
+            fence = not fence
+        elif not fence and line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            if line[level : level + 1] == " ":
+                yield i, level, line.rstrip()
+
+
+def replace_section(path: Path, head: str, block: str, parent: str | None = None) -> None:
+    """Put `block` (starting with the `head` line) in place of the section `head` of `path`:
+    from the line that is exactly `head` up to the next heading of its level or above (a
+    `## ` section ends at the next `## `, a `### ` one at the next `### ` or `## `). When the
+    section is not there yet, the block goes at the end of the section `parent` (a heading
+    line) if that is there, else at the end of the file. A rerun replaces, never appends."""
+    lines = path.read_text(encoding="utf-8").split("\n")
+    new = block.strip("\n").split("\n")
+    level = len(head) - len(head.lstrip("#"))
+    heads = list(_headings(lines))
+
+    def end_of(n: int, lv: int) -> int:  # the line after section heads[n] (level lv)
+        return next((i for i, l2, _ in heads[n + 1 :] if l2 <= lv), len(lines))
+
+    for n, (i, _, text) in enumerate(heads):
+        if text == head.rstrip():
+            end = end_of(n, level)
+            lines[i:end] = new + ([""] if end < len(lines) else [])
+            break
     else:
-        body = body.rstrip() + "\n\n" + block
-    path.write_text(body, encoding="utf-8")
+        at = next(
+            (end_of(n, lv) for n, (_, lv, text) in enumerate(heads) if parent and text == parent),
+            None,
+        )
+        if at is None or at == len(lines):
+            while lines and not lines[-1].strip():
+                lines.pop()
+            lines += ["", *new]
+        else:
+            lines[at:at] = ([""] if lines[at - 1].strip() else []) + new + [""]
+    text = "\n".join(lines)
+    path.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
