@@ -1,10 +1,11 @@
-"""Command line: python -m pipeline {train,generate,eval,prepare,compare} ...
+"""Command line: python -m pipeline {train,generate,eval,prepare,export,compare} ...
 
     python -m pipeline train --config configs/jaychou.yaml train.max_steps=40
     torchrun --standalone --nproc_per_node=2 -m pipeline train --config configs/jaychou.yaml
     python -m pipeline generate --checkpoint runs/jaychou/checkpoints/last.pt --prefix 分开
     python -m pipeline eval --checkpoint runs/jaychou/checkpoints/best.pt --split validation
     python -m pipeline prepare --config configs/songci.yaml
+    python -m pipeline export --checkpoint runs/jaychou/checkpoints/best.pt --out jaychou-lstm
     python -m pipeline compare runs/a runs/b --plot compare.png
 
 Problems with the input (config keys, data files, checkpoints, prefixes, a run directory
@@ -33,6 +34,9 @@ def cmd_train(args) -> int:
     from . import config
 
     cfg = config.load(args.config, args.overrides)  # before importing torch: typos fail fast
+    if args.print_config:
+        print(config.dump(cfg), end="")
+        return 0
     from .checkpoint import DISK_FULL_EXIT, DiskFull
     from .dist import HUNG_EXIT, Hung
     from .nonfinite import DIVERGED_EXIT, Diverged
@@ -49,16 +53,9 @@ def cmd_train(args) -> int:
 
 
 def _load_model(path: str, device: str = "cpu"):
-    from . import checkpoint, config
-    from .model import build_model
-    from .vocab import Vocab
+    from .export import load_any
 
-    state = checkpoint.load(path)
-    cfg = config.from_dict(state["config"])
-    vocab = Vocab(list(state["vocab"]))
-    model = build_model(cfg.model, len(vocab))
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), vocab, cfg, state
+    return load_any(path, device)
 
 
 def cmd_generate(args) -> int:
@@ -90,7 +87,7 @@ def cmd_eval(args) -> int:
     from .corpus import load_corpus
     from .data import DataError
     from .step import evaluate
-    from .streams import EvalStreams
+    from .streams import eval_streams
 
     ctx = dist.init(args.device)
     try:
@@ -103,14 +100,8 @@ def cmd_eval(args) -> int:
             )
         if corpus.vocab.to_list() != vocab.to_list():
             raise DataError("the corpus now gives a different vocabulary than the checkpoint's")
-        streams = EvalStreams(
-            corpus.splits[args.split],
-            args.batch_size or cfg.eval.batch_size,
-            cfg.eval.num_steps or cfg.train.num_steps,
-            ctx.rank,
-            ctx.world_size,
-            ctx.device,
-        )
+        ids, steps = corpus.splits[args.split], cfg.train.num_steps
+        streams = eval_streams(ids, cfg.eval, steps, ctx, args.batch_size or 0, args.max_chars)
         out = evaluate(model, streams, Amp(args.amp, ctx.device), ctx.device)
         if ctx.is_main:
             print(
@@ -136,12 +127,20 @@ def cmd_prepare(args) -> int:
     cfg = config.load(args.config, args.overrides)
     ctx = dist.init("cpu")
     try:
-        corpus = load_corpus(cfg.data, ctx)
+        corpus = load_corpus(cfg.data, ctx, full_check=args.verify)
         if ctx.is_main:
             sizes = ", ".join(f"{k} {len(v):,}" for k, v in corpus.splits.items())
             print(f"prepared: vocabulary {len(corpus.vocab)}; characters per split: {sizes}")
     finally:
         dist.shutdown()
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export
+
+    out = export(args.checkpoint, args.out)
+    print(f"exported '{args.checkpoint}' to '{out}' (model.safetensors, config.json, README.md)")
     return 0
 
 
@@ -172,13 +171,26 @@ def parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a model (also under torchrun)")
+    from .keys import help_text
+
+    t = sub.add_parser(
+        "train",
+        help="train a model (also under torchrun)",
+        description="Train a model; the same command under torchrun trains on every rank.",
+        epilog=help_text(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     t.add_argument("--config", help="YAML file in configs/")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=40")
+    t.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config as YAML (usable as --config) and exit",
+    )
     t.set_defaults(fn=cmd_train)
 
     g = sub.add_parser("generate", help="continue a prefix with a trained model")
-    g.add_argument("--checkpoint", required=True)
+    g.add_argument("--checkpoint", required=True, help="a checkpoint file or an exported folder")
     g.add_argument("--prefix", required=True)
     g.add_argument("--length", type=positive(int), default=50)
     g.add_argument(
@@ -194,13 +206,19 @@ def parser() -> argparse.ArgumentParser:
     g.set_defaults(fn=cmd_generate)
 
     e = sub.add_parser("eval", help="loss, perplexity and bits/char over a whole split")
-    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--checkpoint", required=True, help="a checkpoint file or an exported folder")
     e.add_argument("--split", default="validation")
     e.add_argument(
         "--batch-size",
         type=positive(int),
         default=None,
         help="default: the config's eval.batch_size",
+    )
+    e.add_argument(
+        "--max-chars",
+        type=int,
+        default=0,
+        help="the first N characters of the split (default 0: the whole split)",
     )
     e.add_argument("--amp", default="off", choices=["off", "bf16", "fp16", "auto"])
     e.add_argument("--device", default="auto")
@@ -209,7 +227,17 @@ def parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("prepare", help="build the prepared-data cache ahead of a job")
     pr.add_argument("--config", required=True)
     pr.add_argument("overrides", nargs="*")
+    pr.add_argument(
+        "--verify",
+        action="store_true",
+        help="hash every prepared file again (sha256; a job start only checks their sizes)",
+    )
     pr.set_defaults(fn=cmd_prepare)
+
+    x = sub.add_parser("export", help="write a Hugging Face model folder from a checkpoint")
+    x.add_argument("--checkpoint", required=True)
+    x.add_argument("--out", required=True, help="the folder to write (created)")
+    x.set_defaults(fn=cmd_export)
 
     c = sub.add_parser("compare", help="table and plot of runs from their metrics.jsonl")
     c.add_argument("runs", nargs="+")

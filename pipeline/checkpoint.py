@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 
 # 2: per-layer RNN cells (format-1 stacked-cell weights are mapped on loading), no RNG state
-FORMAT = 2
+# 3: random sampling's window order is a seeded bijection (pipeline.shuffle), not a randperm
+FORMAT = 3
+RANDOM_ORDER_SINCE = 3
 STEP_RE = re.compile(r"step_(\d+)\.pt$")
 # Keys whose change makes a checkpoint unusable for a run (named in the error).
 COMPATIBLE_KEYS = (

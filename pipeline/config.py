@@ -58,10 +58,10 @@ class DataConfig:
     max_chars: int = 0  # keep the first N characters (0 = all); the chapter uses 10000
     valid_fraction: float = 0.0  # held-out tail of a text corpus
     name: str = ""  # Hugging Face dataset config name
-    text_field: str = "text"
-    train_split: str = "train"
-    valid_split: str = "validation"
-    test_split: str = "test"
+    text_field: str = "text"  # data.source=hf: the column that holds the text
+    train_split: str = "train"  # data.source=hf: the split to train on
+    valid_split: str = "validation"  # data.source=hf: the validation split ("" = none)
+    test_split: str = "test"  # data.source=hf: the test split ("" = none)
     separator: str = "\n"  # joins documents of a Hugging Face split
     min_freq: int = 1  # rarer training characters map to <unk>
     max_vocab: int = 0  # keep the most frequent N characters (0 = all)
@@ -72,8 +72,8 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     kind: str = "rnn_scratch"  # rnn_scratch | rnn | gru | lstm
-    hidden_size: int = 256
-    num_layers: int = 1
+    hidden_size: int = 256  # hidden state width of every layer
+    num_layers: int = 1  # stacked recurrent layers
     dropout: float = 0.0  # on the embedding, between stacked layers, before the output layer
     dropout_kind: str = "standard"  # standard (a mask per element and step) | locked (per stream)
     weight_drop: float = 0.0  # DropConnect on the hidden-to-hidden weights (rnn/gru/lstm)
@@ -87,22 +87,22 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 1
+    epochs: int = 1  # passes over the training split (train.max_steps may stop earlier)
     max_steps: int = 0  # stop after this many optimizer steps (0 = run all epochs)
     batch_size: int = 32  # GLOBAL batch: each of W ranks gets batch_size / W streams
     num_steps: int = 35  # truncated-BPTT length
     sampling: str = "consecutive"  # consecutive | random
-    seed: int = 0
+    seed: int = 0  # initial parameters, sampling order, dropout masks, generated samples
     optimizer: str = "sgd"  # sgd | adam | adamw
-    lr: float = 100.0
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    lr: float = 100.0  # peak learning rate (the chapter: SGD at 100)
+    weight_decay: float = 0.0  # decoupled for adamw, L2 for sgd and adam
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam/adamw moment decays
     schedule: str = "constant"  # constant | cosine | linear (warmup, then decay to min_lr)
-    warmup_steps: int = 0
+    warmup_steps: int = 0  # linear LR warm-up from 0 over these steps
     schedule_steps: int = 0  # steps the LR decay spans; 0 = max_steps, else epochs x batches
     time_budget: float = 0.0  # seconds of training; the LR schedule ends with them (0 = off)
     schedule_plans: list[list[int]] = field(default_factory=list)  # [step, horizon]s a budget made
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: float = 0.1  # where cosine/linear decay ends, as a fraction of train.lr
     clip: float = 0.01  # clip by global gradient norm (the chapter's theta); 0 disables
     amp: str = "off"  # off | bf16 | fp16 | auto
     compile: bool = False  # torch.compile the model
@@ -124,25 +124,27 @@ class TrainConfig:
 class EvalConfig:
     batch_size: int = 16  # global number of validation streams
     num_steps: int = 0  # chunk length while carrying state (0 = train.num_steps)
+    max_chars: int = 0  # evaluate the first N characters of the split (0 = all of it)
 
 
 @dataclass
 class GenerateConfig:
-    prefixes: list[str] = field(default_factory=lambda: ["分开", "不分开"])
-    length: int = 50
+    prefixes: list[str] = field(default_factory=lambda: ["分开", "不分开"])  # samples at each eval
+    length: int = 50  # characters generated after each prefix
     temperature: float = 0.0  # 0 = greedy (the chapter's predict_rnn)
-    top_k: int = 0
+    top_k: int = 0  # sample among the k likeliest characters (0 = all)
 
 
 @dataclass
 class WandbConfig:
     mode: str = "auto"  # auto | online | offline | disabled
-    project: str = "lyrics-rnn"
-    entity: str = ""
-    name: str = ""
+    project: str = "lyrics-rnn"  # the wandb project
+    entity: str = ""  # the wandb team or user ("" = your default)
+    name: str = ""  # the wandb run name ("" = run.name)
     group: str = ""  # "" = run.name
-    tags: list[str] = field(default_factory=list)
-    notes: str = ""
+    tags: list[str] = field(default_factory=list)  # [] = kind, sampling, world, precision, device
+    notes: str = ""  # the wandb run notes
+    log_model: str = "off"  # off | end | all: checkpoints as wandb artifacts (latest, best)
 
 
 @dataclass
@@ -173,6 +175,7 @@ CHOICES = {
     "train.amp": ("off", "bf16", "fp16", "auto"),
     "train.device": ("auto", "cpu", "cuda"),
     "logging.wandb.mode": ("auto", "online", "offline", "disabled"),
+    "logging.wandb.log_model": ("off", "end", "all"),
     "logging.progress": ("auto", "bar", "lines", "off"),
 }
 POSITIVE = (
@@ -208,6 +211,7 @@ NON_NEGATIVE = (
     "model.embedding_size",
     "train.schedule_steps",
     "train.time_budget",
+    "eval.max_chars",
 )
 
 

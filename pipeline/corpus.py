@@ -156,10 +156,11 @@ def load_text_corpus(data: DataConfig) -> Corpus:
     return Corpus(vocab, {k: vocab.encode(v) for k, v in parts.items()})
 
 
-def load_corpus(data: DataConfig, dist_ctx=None) -> Corpus:
-    """The corpus named by the config, as ids per split."""
+def load_corpus(data: DataConfig, dist_ctx=None, full_check: bool = False) -> Corpus:
+    """The corpus named by the config, as ids per split (`full_check`: a prepared corpus's
+    files are hashed again, not only sized)."""
     if data.source == "hf":
         from .hfdata import load_hf_corpus  # lazily: it imports `datasets`
 
-        return load_hf_corpus(data, dist_ctx)
+        return load_hf_corpus(data, dist_ctx, full_check)
     return load_text_corpus(data)

@@ -14,7 +14,8 @@ flat file of ids (uint16 when the vocabulary fits, else uint32), documents joine
 The key hashes the datasets' fingerprints with every option that changes the ids, so a later run
 with the same key reuses the folder without reading the text. The folder is built under a
 temporary name and renamed into place whole, so a reader never sees half of it. Local rank 0
-checks (sha256) or builds it while the other ranks of its node wait; then every rank opens the
+checks it (sizes at a job start; sha256 with `prepare --verify`) or builds it while the other
+ranks of its node wait; then every rank opens the
 files read-only with numpy.memmap, and streams.py slices only its own rows from them.
 """
 
@@ -290,13 +291,16 @@ def build(data: DataConfig, splits: dict, folder: Path, inputs: dict) -> dict:
     return meta
 
 
-def prepare(data: DataConfig, log=print) -> Path:
-    """Check the cached folder for this config, (re)building it when missing or damaged."""
+def prepare(data: DataConfig, log=print, full_check: bool = False) -> Path:
+    """The cached folder for this config, (re)built when missing or damaged. A job start
+    checks the meta record and the files' sizes (instant, whatever the corpus); the sha256
+    of every file is computed while building, and checked again with `full_check`
+    (`python -m pipeline prepare --verify`)."""
     splits = open_dataset(data)
     key, inputs = cache_key(data, splits)
     folder = prepared_dir(data, key)
-    if verify(folder, full=True) is not None:
-        log(f"prepared data: reusing {folder}")
+    if verify(folder, full=full_check) is not None:
+        log(f"prepared data: reusing {folder}" + (" (sha256 verified)" if full_check else ""))
         return folder
     if folder.exists():
         log(f"prepared data: {folder} is damaged; rebuilding it")
@@ -306,14 +310,14 @@ def prepare(data: DataConfig, log=print) -> Path:
     return folder
 
 
-def load_hf_corpus(data: DataConfig, dist_ctx=None) -> Corpus:
+def load_hf_corpus(data: DataConfig, dist_ctx=None, full_check: bool = False) -> Corpus:
     """Collective: every rank calls it. Local rank 0 prepares; the others wait for its folder
     (errors travel with it, so every rank raises the same DataError instead of hanging)."""
     ctx = dist_ctx or dist.DistContext()
     result: tuple[str | None, str | None] = (None, None)
     if ctx.local_rank == 0:  # one line per node that prepares: "reusing" or "built"
         try:
-            result = (str(prepare(data, print)), None)
+            result = (str(prepare(data, print, full_check)), None)
         except DataError as err:
             result = (None, str(err))
     # One all-gather doubles as the barrier; torchrun numbers a node's ranks contiguously,

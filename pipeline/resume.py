@@ -49,6 +49,15 @@ def position(saved: dict, path: Path, rank: int, streams, device) -> TrainState:
     """This rank's TrainState; the saved position must exist in today's data (data.* may
     change on resume, the number of minibatches an epoch may not shrink below it)."""
     state = TrainState.from_checkpoint(saved, rank, streams.b, device)
+    random = saved["config"]["train"]["sampling"] == "random"
+    if random and state.batch and saved.get("format", 1) < ckpt.RANDOM_ORDER_SINCE:
+        raise ckpt.CheckpointError(
+            f"checkpoint '{path}' (format {saved.get('format', 1)}) stopped inside epoch "
+            f"{state.epoch} of random sampling, whose window order changed in format "
+            f"{ckpt.RANDOM_ORDER_SINCE}: going on would repeat and skip windows; resume it with "
+            f"the version that wrote it, or from a checkpoint at an epoch's end, or use "
+            f"train.resume=never"
+        )
     if state.batch >= streams.epoch_size:
         raise ckpt.CheckpointError(
             f"checkpoint '{path}' stopped after minibatch {state.batch} of epoch "

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from . import dist
 from .config import Config
-from .metrics import JsonlSink
+from .metrics import LN2, JsonlSink, perplexity
 from .progress import Progress
 from .wandb_sink import WandbSink
 
@@ -55,6 +55,7 @@ class RunLog:
 
     def __init__(self, cfg: Config, record: RunRecord, is_main: bool, total_steps: int):
         self.record, self.is_main = record, is_main
+        self.cdir = Path(cfg.run.dir) / "checkpoints"
         self.last: dict = {}  # the latest value of every key, for the wandb summary
         self.jsonl = self.wandb = None
         if is_main:
@@ -86,6 +87,21 @@ class RunLog:
             self.console.write(f" - {text}")
         self.log(step, {"samples": [{"prefix": p, "text": t} for p, t in rows]})
 
+    def best(self, loss: float) -> None:
+        """best.pt was written: the wandb summary's best/* follow at once (a killed sweep
+        trial keeps its best value)."""
+        if self.wandb:
+            self.wandb.summarize(best_summary(loss))
+
+    def config_changed(self, train_keys: dict) -> None:
+        if self.wandb:
+            self.wandb.config_changed({f"train.{k}": v for k, v in train_keys.items()})
+
+    def saved(self, path: Path, step: int) -> None:
+        """A checkpoint was written: with log_model=all, a new artifact version."""
+        if self.wandb and self.wandb.log_model == "all":
+            self.wandb.checkpoint(path, step, "best" if path.name == "best.pt" else "latest")
+
     def commit(self) -> None:
         """wandb gets the events up to this resumable point (right after last.pt)."""
         if self.wandb:
@@ -96,4 +112,17 @@ class RunLog:
             return
         self.jsonl.close()
         if self.wandb:
+            if self.wandb.log_model == "end":
+                for name, alias in (("last.pt", "latest"), ("best.pt", "best")):
+                    if (self.cdir / name).is_file():
+                        self.wandb.checkpoint(self.cdir / name, summary["final/step"], alias)
             self.wandb.finish(summary, self.last)
+
+
+def best_summary(loss: float) -> dict:
+    """best/val_loss, best/val_perplexity, best/val_bpc of a validation loss."""
+    return {
+        "best/val_loss": loss,
+        "best/val_perplexity": perplexity(loss),
+        "best/val_bpc": loss / LN2,
+    }

@@ -26,10 +26,10 @@ class Saver:
         self.cdir, self.run_dir, self.keep = ckpt.checkpoint_dir(run_dir), run_dir, keep
         self.guard, self.log = guard, log
 
-    def save(self, checkpoint, step: int, name: str | None) -> bool:
+    def save(self, checkpoint, step: int, name: str | None) -> Path | None:
         """Collective: rank 0 writes `name`, or (None) a periodic step_N.pt that last.pt then
-        names, from `checkpoint()` (collective too). False when nothing was written (a
-        streak of non-finite steps); Diverged when the state holds non-finite values (every
+        names, from `checkpoint()` (collective too). Returns the file written, None when
+        nothing was (a streak of non-finite steps); Diverged when the state holds non-finite values (every
         rank decides alike: the state is the same on every rank)."""
         streak, tripped = self.guard.state()  # an I/O edge: the host may look here
         if streak or tripped >= 0:
@@ -37,7 +37,7 @@ class Saver:
                 f"step {step}: not saving {name or 'a periodic checkpoint'}: in a streak of "
                 f"{streak} non-finite steps (the checkpoints on disk stay as they are)"
             )
-            return False
+            return None
         state = checkpoint()
         bad = ckpt.first_nonfinite(state)
         if bad is not None:
@@ -46,14 +46,13 @@ class Saver:
                 f"was not saved; the checkpoints on disk stay as they are"
             )
 
+        target = self.cdir / (name or f"step_{step:08d}.pt")
+
         def write():
+            ckpt.save_atomic(state, target)
             if name is None:
-                target = self.cdir / f"step_{step:08d}.pt"
-                ckpt.save_atomic(state, target)
                 ckpt.link_atomic(target, self.cdir / "last.pt")
                 ckpt.prune(self.run_dir, self.keep)
-            else:
-                ckpt.save_atomic(state, self.cdir / name)
 
         dist.on_main(write, ckpt.DiskFull)  # every rank waits for the file
-        return True
+        return target

@@ -8,9 +8,11 @@ batch_size / world_size: a contiguous shard of the corpus, so it reads only its 
 a memory-mapped file and carries its own hidden state from one minibatch to the next.
 
 Random sampling (`data_iter_random`): window j is ids[j*T : j*T+T] (target shifted by one),
-`(n - 1) // T` windows, one permutation per epoch drawn from (seed, epoch) alone, so every rank
-draws the same one; global minibatch i is windows perm[i*B : (i+1)*B] and rank r takes its
-slice [r*b, (r+1)*b) of it. `(n - 1) // T // B` minibatches an epoch.
+`(n - 1) // T` windows, shuffled each epoch by a bijection keyed by (seed, epoch) alone
+(pipeline.shuffle: computed for the positions a minibatch needs, never a whole permutation in
+memory), so every rank gets the same order; global minibatch i is windows
+order[i*B : (i+1)*B] and rank r takes its slice [r*b, (r+1)*b) of it. `(n - 1) // T // B`
+minibatches an epoch.
 
 Hence with W ranks, the union of the rank batches is exactly the single-process batch.
 """
@@ -22,6 +24,7 @@ import torch
 
 from .data import DataError
 from .loss import IGNORE
+from .shuffle import Order
 
 
 def local_batch(batch_size: int, world_size: int) -> int:
@@ -43,10 +46,6 @@ def _to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    return (seed * 1_000_003 + epoch) % (2**63 - 1)
 
 
 class RankBatches:
@@ -108,27 +107,30 @@ class RandomWindows(RankBatches):
     def _layout(self, ids: np.ndarray) -> int:
         self.num_examples = (len(ids) - 1) // self.T
         self.ids = self._on_device(ids)
-        self._perm: tuple[int, torch.Tensor] | None = None
+        self._order: Order | None = None
         self._offsets = torch.arange(self.T + 1, device=self.device)
         return self.num_examples // self.B
 
     def _need(self) -> int:
         return self.B * self.T + 1
 
+    def order(self, epoch: int) -> Order:
+        if self._order is None or self._order.epoch != epoch:
+            self._order = Order(self.num_examples, self.seed, epoch)
+        return self._order
+
     def permutation(self, epoch: int) -> torch.Tensor:
-        if self._perm is None or self._perm[0] != epoch:
-            g = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
-            self._perm = (epoch, torch.randperm(self.num_examples, generator=g))
-        return self._perm[1]
+        """The whole epoch's window order (O(n) memory: for inspection; training never
+        builds it)."""
+        return torch.from_numpy(self.order(epoch)[0 : self.num_examples])
 
     def batch(self, epoch: int, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         lo = i * self.B + self.rank * self.b
-        starts = self.permutation(epoch)[lo : lo + self.b] * self.T
+        starts = self.order(epoch)[lo : lo + self.b] * self.T
         if self.lazy:
-            idx = starts.numpy()[:, None] + np.arange(self.T + 1)
-            xy = _to_device(self.ids[idx], self.device)
+            xy = _to_device(self.ids[starts[:, None] + np.arange(self.T + 1)], self.device)
         else:
-            xy = self.ids[starts.to(self.device)[:, None] + self._offsets]
+            xy = self.ids[_to_device(starts, self.device)[:, None] + self._offsets]
         return xy[:, :-1], xy[:, 1:]
 
 
@@ -151,11 +153,12 @@ def eval_row_bounds(n_ids: int, batch_size: int) -> list[tuple[int, int]]:
 
 
 class EvalStreams:
-    """A whole split as `batch_size` GLOBAL rows, whatever the world size, read in
-    consecutive chunks of `num_steps` with the state carried. Rank r evaluates rows
-    [r*b, (r+1)*b), b = ceil(rows / W); slots past the last row are padding whose targets
-    are all IGNORE. So the summed loss covers each target exactly once, and the rows (hence
-    the loss, to float rounding) do not depend on W."""
+    """A split as `batch_size` GLOBAL rows, whatever the world size, read in consecutive
+    chunks of `num_steps` with the state carried. Rank r evaluates rows [r*b, (r+1)*b),
+    b = ceil(rows / W); slots past the last row are padding whose targets are all IGNORE. So
+    the summed loss covers each target exactly once, and the rows (hence the loss, to float
+    rounding) do not depend on W. Each chunk is read from the ids (a memory-mapped file
+    stays on disk) when it is evaluated: memory holds one chunk, not the split."""
 
     def __init__(self, ids: np.ndarray, batch_size, num_steps, rank, world_size, device):
         if len(ids) < 2:
@@ -163,15 +166,28 @@ class EvalStreams:
         rows = min(batch_size, len(ids) - 1)
         self.b = -(-rows // world_size)
         bounds = eval_row_bounds(len(ids), rows)[rank * self.b : (rank + 1) * self.b]
-        width = max(1, -(-(len(ids) - 1) // rows))
-        x = np.zeros((self.b, width), dtype=np.int64)
-        y = np.full((self.b, width), IGNORE, dtype=np.int64)
-        for row, (start, length) in enumerate(bounds):
-            x[row, :length] = ids[start : start + length]
-            y[row, :length] = ids[start + 1 : start + length + 1]
-        self.x, self.y = _to_device(x, device), _to_device(y, device)
-        self.T = num_steps
+        bounds += [(0, 0)] * (self.b - len(bounds))  # padding rows
+        self.starts = np.array([start for start, _ in bounds], dtype=np.int64)[:, None]
+        self.lengths = np.array([length for _, length in bounds], dtype=np.int64)[:, None]
+        self.width = max(1, -(-(len(ids) - 1) // rows))
+        self.ids, self.T, self.device = ids, num_steps, device
 
     def __iter__(self):
-        for lo in range(0, self.x.shape[1], self.T):
-            yield self.x[:, lo : lo + self.T], self.y[:, lo : lo + self.T]
+        for lo in range(0, self.width, self.T):
+            cols = np.arange(lo, min(lo + self.T, self.width))[None, :]
+            valid = cols < self.lengths
+            at = np.where(valid, self.starts + cols, 0)
+            x = np.where(valid, self.ids[at].astype(np.int64), 0)
+            y = np.where(valid, self.ids[at + 1].astype(np.int64), IGNORE)
+            yield _to_device(x, self.device), _to_device(y, self.device)
+
+
+def eval_streams(ids, ecfg, train_num_steps: int, ctx, batch_size: int = 0, max_chars: int = -1):
+    """The EvalStreams of a split for this rank: eval.batch_size rows (or `batch_size`) of the
+    first eval.max_chars characters (or `max_chars`; 0 = all), eval.num_steps a chunk."""
+    limit = ecfg.max_chars if max_chars < 0 else max_chars
+    if limit:
+        ids = ids[:limit]
+    steps = ecfg.num_steps or train_num_steps
+    rows = batch_size or ecfg.batch_size
+    return EvalStreams(ids, rows, steps, ctx.rank, ctx.world_size, ctx.device)

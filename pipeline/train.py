@@ -26,17 +26,17 @@ from .budget import TimeBudget
 from .config import Config
 from .corpus import load_corpus
 from .generate import samples
-from .metrics import LN2, TrainAccumulator, perplexity
+from .metrics import TrainAccumulator
 from .model import build_model
 from .noise import Noise
 from .nonfinite import Diverged, NonFiniteGuard
 from .optim import build_optimizer, lr_at, schedule_plans, warn_schedule_change
-from .runlog import RunLog, RunRecord, run_id_for
+from .runlog import RunLog, RunRecord, best_summary, run_id_for
 from .saver import Saver, check_room
 from .state import TrainState, carried
 from .step import evaluate, train_step
 from .stopper import Stopper
-from .streams import EvalStreams, make_train_streams
+from .streams import eval_streams, make_train_streams
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: saved after SIGTERM/SIGUSR1; launch/slurm.sbatch requeues
 
@@ -84,14 +84,7 @@ def _data(cfg: Config, ctx: dist.DistContext):
     dist.check_same(streams.epoch_size, "minibatches per epoch")
     valid = None
     if "validation" in corpus.splits:
-        valid = EvalStreams(
-            corpus.splits["validation"],
-            cfg.eval.batch_size,
-            cfg.eval.num_steps or tcfg.num_steps,
-            ctx.rank,
-            ctx.world_size,
-            ctx.device,
-        )
+        valid = eval_streams(corpus.splits["validation"], cfg.eval, tcfg.num_steps, ctx)
     return corpus.vocab, streams, valid
 
 
@@ -310,6 +303,7 @@ class Trainer:
             if self.ctx.is_main:
                 self._write_config()
             self.runlog.console.set_total(self.total_steps)
+            self.runlog.config_changed(train_keys)
 
     def _write_config(self) -> None:
         """run.dir/config.yaml: the resolved config, headed by the precision this machine used
@@ -359,7 +353,8 @@ class Trainer:
             )
             if v["loss"] < s.best_val:
                 s.best_val = v["loss"]
-                self.save("best.pt")
+                if self.save("best.pt"):
+                    self.runlog.best(s.best_val)
         if self.ctx.is_main and self.cfg.generate.prefixes:
             g, seed = self.cfg.generate, self.cfg.train.seed
             self.runlog.samples(s.step, samples(self.model, self.vocab, g, seed, self.ctx.device))
@@ -376,30 +371,31 @@ class Trainer:
             **self.state.to_checkpoint(self.cfg.train.sampling == "consecutive"),
             "train_time": self.elapsed(),  # seconds of training up to now, across resumes
             "world_size": self.ctx.world_size,
+            "precision": self.amp.mode,  # the one used (train.amp=auto resolved)
             "vocab": self.vocab.to_list(),
             "config": self.cfg_dict,
         }
 
-    def save(self, name: str | None) -> None:
+    def save(self, name: str | None) -> bool:
         """Collective: `name`, or (None) a periodic checkpoint that last.pt then names; its
-        time counts for the budget (best.pt's is part of an evaluation's)."""
+        time counts for the budget (best.pt's is part of an evaluation's). False when a
+        streak of non-finite steps kept it from being written."""
         began = budget_mod.clock()
         dist.doing(f"the checkpoint at step {self.state.step}")
-        saved = self.saver.save(self.checkpoint, self.state.step, name)
-        if saved and name != "best.pt":
+        path = self.saver.save(self.checkpoint, self.state.step, name)
+        if path is None:
+            return False
+        self.runlog.saved(path, self.state.step)
+        if name != "best.pt":
             self.budget.saves.append(budget_mod.clock() - began)
+        return True
 
     def finish(self, reason: str) -> dict:
         s = self.state
-        summary = {
-            "final/step": s.step,
-            "final/train_time_s": self.elapsed(),
-            "best/val_loss": s.best_val,
-            "best/val_perplexity": perplexity(s.best_val) if s.best_val < math.inf else None,
-            "best/val_bpc": s.best_val / LN2 if s.best_val < math.inf else None,
-            "world_size": self.ctx.world_size,
-        }
-        self.runlog.finish({k: v for k, v in summary.items() if v is not None})
+        summary = {"final/step": s.step, "final/train_time_s": self.elapsed()}
+        summary.update(best_summary(s.best_val) if s.best_val < math.inf else {})
+        summary["world_size"] = self.ctx.world_size
+        self.runlog.finish(summary)
         if reason == "preempted":
             where = ckpt.checkpoint_dir(self.run_dir) / "last.pt"
             self.log(f"preempted: saved step {s.step} to {where}")

@@ -9,6 +9,13 @@ unsent (the resume redoes their steps), a kill between the save and the send los
 wandb only (the resumed run re-sends them from metrics.jsonl: `replay`). Without periodic
 checkpoints the only resume points are the final and preemption saves, after every event, so
 events go straight through.
+
+Checkpoints as artifacts (`logging.wandb.log_model`): `all` logs each periodic checkpoint as
+a new version of the run's `model-<run id>` artifact (type `model`) with alias `latest`, and
+each best.pt with alias `best`; `end` logs last.pt and best.pt when the run ends. The files
+are copied into wandb's staging folder when logged (so pruning a step file later breaks
+nothing), and that folder is under `run.dir/wandb-data/` unless WANDB_DATA_DIR says
+otherwise: an offline run keeps them beside its checkpoints for `wandb sync`.
 """
 
 from __future__ import annotations
@@ -67,9 +74,11 @@ def provenance(world_size: int) -> dict:
 
 
 class WandbSink:
-    def __init__(self, run, hold: bool):
+    def __init__(self, run, hold: bool, log_model: str = "off"):
         self.run = run
         self.hold = hold
+        self.log_model = log_model
+        self.data_dir = ""
         self.pending: list[tuple[int, dict]] = []
 
     @classmethod
@@ -110,7 +119,12 @@ class WandbSink:
         # x axis: the global step (wandb's _step) by default; characters seen as an option.
         run.define_metric("train/chars")
         run.define_metric("*", step_metric="train/chars", step_sync=True)
-        return cls(run, hold=record.hold)
+        sink = cls(run, hold=record.hold, log_model=w.log_model)
+        # staged artifact files: beside the checkpoints, unless WANDB_DATA_DIR says otherwise
+        sink.data_dir = os.environ.get("WANDB_DATA_DIR") or str(
+            Path(cfg.run.dir).resolve() / "wandb-data"
+        )
+        return sink
 
     def replay(self, jsonl: Path, run_id: str) -> None:
         """Re-send the events up to the checkpoint that the killed attempt's wandb lost (its
@@ -157,6 +171,29 @@ class WandbSink:
             # cannot lose the row of the checkpoint's own step.
             self.run.log(data, step=step, commit=True if self.hold and i == last else None)
         self.pending.clear()
+
+    def summarize(self, values: dict) -> None:
+        """Summary values that hold while the run lives (best/*: each time best.pt is written)."""
+        for k, v in values.items():
+            self.run.summary[k] = v
+
+    def config_changed(self, values: dict) -> None:
+        """Config keys a time-budget plan changed (train.schedule_steps, ...)."""
+        self.run.config.update(values, allow_val_change=True)
+
+    def checkpoint(self, path: Path, step: int, alias: str) -> None:
+        """`path` as a new version of the run's model artifact, with `alias`."""
+        import wandb
+
+        art = wandb.Artifact(f"model-{self.run.id}", type="model", metadata={"step": step})
+        before = os.environ.get("WANDB_DATA_DIR")
+        os.environ["WANDB_DATA_DIR"] = self.data_dir  # wandb stages the copy there, now
+        try:
+            art.add_file(str(path), name="checkpoint.pt", skip_cache=True)
+        finally:
+            if before is None:
+                del os.environ["WANDB_DATA_DIR"]
+        self.run.log_artifact(art, aliases=[alias])
 
     def finish(self, summary: dict, last: dict) -> None:
         self.commit()

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import DATA_DIR, ROOT, load_ckpt, sub_env, torchrun
+from conftest import DATA_DIR, ROOT, load_ckpt, metrics, sub_env, torchrun
 
 from pipeline import hfdata, idcache
 from pipeline.__main__ import main
@@ -125,6 +125,22 @@ def test_second_prepare_reuses_cache_without_tokenizing(prepared, tmp_path, monk
     assert {p.name: p.stat().st_mtime_ns for p in built.iterdir()} == mtimes
 
 
+def test_a_job_start_reads_no_prepared_file(prepared, monkeypatch, capsys):
+    """Start-up checks the meta record and the sizes: no file is hashed or read whole, so it
+    takes the same time for any corpus size; `prepare --verify` hashes every file."""
+    data, folder, _ = prepared
+
+    def forbidden(*a, **k):
+        raise AssertionError("a prepared file was hashed at a job start")
+
+    monkeypatch.setattr(idcache, "sha256_of", forbidden)
+    corpus = hfdata.load_hf_corpus(data)
+    assert f"reusing {folder}" in capsys.readouterr().out and len(corpus.splits["train"]) > 0
+    with pytest.raises(AssertionError, match="hashed"):
+        main(["prepare", "--config", str(ROOT / "configs/songci.yaml"), "--verify",
+              f"data.cache_dir={folder.parent.parent}", "data.min_freq=2"])  # fmt: skip
+
+
 @pytest.mark.parametrize("damage", ["flip_byte", "truncate", "bad_meta"])
 def test_damaged_cache_is_detected_and_rebuilt(prepared, tmp_path, damage, capsys):
     data, folder, corpus = prepared
@@ -141,7 +157,12 @@ def test_damaged_cache_is_detected_and_rebuilt(prepared, tmp_path, damage, capsy
             f.truncate(100)
     else:
         (copy / "meta.json").write_text("{", encoding="utf-8")
-    rebuilt = hfdata.load_hf_corpus(songci(tmp_path, min_freq=2))
+    # a job start checks sizes and meta; a flipped byte takes the full check (prepare --verify)
+    full = damage == "flip_byte"
+    if full:
+        hfdata.load_hf_corpus(songci(tmp_path, min_freq=2))
+        assert "reusing" in capsys.readouterr().out
+    rebuilt = hfdata.load_hf_corpus(songci(tmp_path, min_freq=2), full_check=full)
     assert "is damaged; rebuilding" in capsys.readouterr().out
     assert [p.name for p in (tmp_path / "hf").iterdir()] == [folder.name]  # no leftovers
     assert idcache.verify(copy, full=True) is not None
@@ -190,10 +211,9 @@ def test_two_ranks_train_on_prepared_songci(hf_home, tmp_path):
     ckpt = load_ckpt(run_dir)
     assert ckpt["step"] == 8 and ckpt["world_size"] == 2
     assert ckpt["vocab"] == meta["vocab"]
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    val = [r["val/perplexity"] for r in rows if "val/perplexity" in r]
+    val = [e["val/perplexity"] for e in metrics(run_dir, "val/perplexity")]
     assert val and math.isfinite(val[-1]) and val[-1] < len(meta["vocab"]) / 2  # it learned
-    assert all(r["world_size"] == 2 for r in rows if "train/loss" in r)
+    assert all(e["world_size"] == 2 for e in metrics(run_dir, "train/loss"))
 
 
 # ---------------------------------------------------------------- clear errors (exit 2)
