@@ -1,4 +1,7 @@
-"""The chapter's from-scratch training loop, re-implemented by us for comparison (not copied).
+"""The chapter's from-scratch training loop, re-implemented by us for comparison (not copied),
+and the one home of the chapter's reference pieces: the benchmark's seed row and the tests
+(`from bench.seed_reference import ...`: the model, streams, clipping and training-loop tests
+compare the pipeline with these) use the same code. This module imports nothing from tests.
 
 Faithful to the chapter's code path, including what makes it slow: one-hot input matrices
 built with `scatter_` for every time step (`to_onehot`), the per-step Python loop `rnn()`
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import random
 import time
 import zipfile
 
@@ -42,6 +46,33 @@ def data_iter_consecutive(corpus_indices, batch_size, num_steps, device=None):
     for i in range((batch_len - 1) // num_steps):
         i = i * num_steps
         yield indices[:, i : i + num_steps], indices[:, i + 1 : i + num_steps + 1]
+
+
+# Copied from d2l-zh (PyTorch), d2lzh_pytorch/utils.py; only `example_indices` can be given
+# instead of drawn, so that the reference can be fed our permutation (tests/test_streams.py,
+# tests/test_train_core.py).
+def data_iter_random(corpus_indices, batch_size, num_steps, device=None, example_indices=None):
+    # 减1是因为输出的索引x是相应输入的索引y加1
+    num_examples = (len(corpus_indices) - 1) // num_steps
+    epoch_size = num_examples // batch_size
+    if example_indices is None:
+        example_indices = list(range(num_examples))
+        random.shuffle(example_indices)
+
+    # 返回从pos开始的长为num_steps的序列
+    def _data(pos):
+        return corpus_indices[pos : pos + num_steps]
+
+    for i in range(epoch_size):
+        # 每次读取batch_size个随机样本
+        i = i * batch_size
+        batch_indices = example_indices[i : i + batch_size]
+        X = [_data(j * num_steps) for j in batch_indices]
+        Y = [_data(j * num_steps + 1) for j in batch_indices]
+        yield (
+            torch.tensor(X, dtype=torch.float32, device=device),
+            torch.tensor(Y, dtype=torch.float32, device=device),
+        )
 
 
 def one_hot(x, n_class, dtype=torch.float32):
@@ -92,6 +123,23 @@ def sgd(params, lr, batch_size):
         param.data -= lr * param.grad / batch_size
 
 
+def train_minibatch(params, X, Y, state, vocab_size, loss, lr, theta, device):
+    """One minibatch of the chapter's train_and_predict_rnn, from the carried (detached)
+    `state`: forward, loss, gradients, clipping, d2l.sgd(params, lr, 1). Returns the loss
+    tensor, the number of targets and the new state."""
+    outputs, state = rnn(to_onehot(X, vocab_size), state, params)
+    outputs = torch.cat(outputs, dim=0)
+    y = torch.flatten(Y.T)
+    l = loss(outputs, y.long())  # noqa: E741 (the chapter's name)
+    if params[0].grad is not None:
+        for param in params:
+            param.grad.data.zero_()
+    l.backward()
+    grad_clipping(params, theta, device)
+    sgd(params, lr, 1)
+    return l, y.shape[0], state
+
+
 class SeedTrainer:
     """The chapter's train_and_predict_rnn with is_random_iter=False, resumable in chunks of
     minibatches so a benchmark can interleave it with other variants."""
@@ -137,19 +185,13 @@ class SeedTrainer:
         X, Y = self._next_batch()
         for s in self.state:
             s.detach_()
-        outputs, self.state = rnn(to_onehot(X, self.vocab_size), self.state, self.params)
-        outputs = torch.cat(outputs, dim=0)
-        y = torch.flatten(Y.T)
-        l = self.loss(outputs, y.long())  # noqa: E741 (the chapter's name)
-        if self.params[0].grad is not None:
-            for param in self.params:
-                param.grad.data.zero_()
-        l.backward()
-        grad_clipping(self.params, self.theta, self.device)
-        sgd(self.params, self.lr, 1)
-        self.l_sum += l.item() * y.shape[0]
-        self.n += y.shape[0]
-        return y.shape[0]
+        l, n, self.state = train_minibatch(  # noqa: E741 (the chapter's name)
+            self.params, X, Y, self.state, self.vocab_size, self.loss, self.lr, self.theta,
+            self.device,
+        )  # fmt: skip
+        self.l_sum += l.item() * n
+        self.n += n
+        return n
 
     def epoch_size(self) -> int:
         return (len(self.corpus) // self.batch_size - 1) // self.num_steps

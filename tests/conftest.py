@@ -1,13 +1,22 @@
 """Shared test set-up: offline everything, data from ../shared/data, helpers to run the CLI
-in-process or as real subprocesses (python -m pipeline / torchrun) under a timeout."""
+in-process or as real subprocesses (python -m pipeline / torchrun) under a timeout, to read
+a run's metrics.jsonl, to share trained runs within a module, and to watch processes that a
+fault (PIPELINE_FAULTS, pipeline/faults.py) stopped at a known step.
+
+The chapter's reference code (one-hot, rnn, clipping, iterators, its training step) is
+bench/seed_reference.py: tests import it as `bench.seed_reference` (pyproject puts the
+repository root on the test path)."""
 
 from __future__ import annotations
 
+import json
 import os
-import random
+import signal
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -61,23 +70,38 @@ def sub_env(**extra) -> dict:
     return env
 
 
-def run_cli(
-    args: list[str], timeout: float = 300, env: dict | None = None, check: bool = True
-) -> subprocess.CompletedProcess:
-    """`python -m pipeline ARGS` as a real subprocess."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipeline", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env or sub_env(),
-    )
+# ---------------------------------------------------------------- processes
+
+
+def _launch(cmd: list[str], timeout: float, env: dict | None, check: bool, popen: bool, stdout):
+    """Run `cmd` in ROOT: to its end (a CompletedProcess, output captured; with `check` a
+    non-zero exit fails the test), or (popen) started in a session of its own, stdout and
+    stderr together into `stdout` (a file) or a text pipe, for the caller to signal, wait for
+    (under its own timeout) and end with `kill_tree`."""
+    env = env or sub_env()
+    if popen:
+        return subprocess.Popen(
+            cmd, cwd=ROOT, env=env, text=True, start_new_session=True,
+            stdout=stdout or subprocess.PIPE, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(
             f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
         )
     return proc
+
+
+def run_cli(
+    args: list[str],
+    timeout: float = 300,
+    env: dict | None = None,
+    check: bool = True,
+    popen: bool = False,
+):
+    """`python -m pipeline ARGS` as a real subprocess (popen: running, see `_launch`)."""
+    cmd = [sys.executable, "-m", "pipeline", *args]
+    return _launch(cmd, timeout, env, check, popen, None)
 
 
 def torchrun(
@@ -87,30 +111,26 @@ def torchrun(
     env: dict | None = None,
     check: bool = True,
     extra: list[str] | None = None,
-) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc_per_node=N -m pipeline ARGS`, always under a timeout
-    (a missing rendezvous partner would otherwise wait 600 s)."""
-    cmd = [
-        "timeout",
-        "-k",
-        "10",
-        str(int(timeout)),
-        TORCHRUN,
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        *(extra or []),
-        "-m",
-        "pipeline",
-        *args,
-    ]
-    proc = subprocess.run(
-        cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout + 30, env=env or sub_env()
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-        )
-    return proc
+    script: str | Path | None = None,
+    rdzv: tuple[int, int, str] | None = None,
+    popen: bool = False,
+    stdout=None,
+):
+    """`torchrun --standalone --nproc_per_node=N [EXTRA] -m pipeline ARGS`, always under
+    `timeout -k 10` (a missing rendezvous partner would otherwise wait 600 s). `script`: a
+    Python file instead of `-m pipeline`; `rdzv=(nodes, port, id)`: one agent of a job of
+    `nodes` agents meeting at a c10d rendezvous on 127.0.0.1:port instead of --standalone;
+    `popen`: the agent running (under `timeout`, whose child it is), see `_launch`."""
+    if rdzv is None:
+        where = ["--standalone"]
+    else:
+        nodes, port, rdzv_id = rdzv
+        where = [f"--nnodes={nodes}", "--rdzv-backend=c10d"]
+        where += [f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id={rdzv_id}"]
+    what = [str(script)] if script else ["-m", "pipeline"]
+    cmd = ["timeout", "-k", "10", str(int(timeout)), TORCHRUN, *where]
+    cmd += [f"--nproc_per_node={nproc}", *(extra or []), *what, *args]
+    return _launch(cmd, timeout + 30, env, check, popen, stdout)
 
 
 def two_agents(args: list[str], timeout: float = 240) -> list[subprocess.CompletedProcess]:
@@ -141,6 +161,151 @@ def two_agents(args: list[str], timeout: float = 240) -> list[subprocess.Complet
     ]
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (children first), from /proc."""
+    tree: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            tree.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry.name))
+    found, todo = [], list(tree.get(pid, []))
+    while todo:
+        child = todo.pop(0)
+        found.append(child)
+        todo += tree.get(child, [])
+    return found
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a process started with popen=True and everything below it (torchrun starts
+    its workers in sessions of their own), then reap it."""
+    for pid in [*descendants(proc.pid), proc.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=60)
+
+
+def proc_state(pid: int) -> str:
+    """The state letter of /proc/PID/stat: R, S, D, T (stopped), Z; "" once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return ""
+
+
+def workers(marker: str) -> dict[tuple[int, int], int]:
+    """{(RANK, TORCHELASTIC_RESTART_COUNT): pid} of the torchrun workers on this machine whose
+    command line holds `marker` (e.g. the run's `run.dir=...`)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            if not entry.name.isdigit() or marker not in cmdline:
+                continue
+            environ = (entry / "environ").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        env = dict(kv.split("=", 1) for kv in environ if "=" in kv)
+        if "LOCAL_RANK" in env and "TORCHELASTIC_RESTART_COUNT" in env:
+            found[(int(env["RANK"]), int(env["TORCHELASTIC_RESTART_COUNT"]))] = int(entry.name)
+    return found
+
+
+def stopped_rank(marker: str, rank: int) -> int | None:
+    """The pid of rank `rank` (first attempt) of the job marked `marker` if it is stopped (a
+    `sigstop` fault: it stops itself before a known step), else None."""
+    pid = workers(marker).get((rank, 0))
+    return pid if pid and proc_state(pid) == "T" else None
+
+
+def stopped_worker(marker: str, rank: int, timeout: float, alive=None) -> int:
+    """`stopped_rank`, waited for."""
+    return wait_until(lambda: stopped_rank(marker, rank), timeout, f"rank {rank} stopped", alive)
+
+
+def continue_when_pending(pid: int, sig: int, timeout: float = 60) -> None:
+    """Once `sig` (sent by someone else) waits in the stopped process `pid`, SIGCONT it: it
+    handles the signal before it goes on, at the step it stopped at."""
+
+    def pending() -> bool:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+        mask = next(int(ln.split()[1], 16) for ln in lines if ln.startswith("ShdPnd:"))
+        return bool(mask >> (sig - 1) & 1)
+
+    wait_until(pending, timeout, f"signal {sig} to reach the stopped process")
+    os.kill(pid, signal.SIGCONT)
+
+
+def wait_until(condition: Callable[[], object], timeout: float, what: str, alive=None):
+    """Poll `condition` until it returns something true (returned); fail after `timeout`
+    seconds, or as soon as the process `alive` (a Popen) ended."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = condition()
+        if found:
+            return found
+        if alive is not None and alive.poll() is not None:
+            out = alive.stdout.read() if alive.stdout else ""
+            raise AssertionError(
+                f"the process ended (exit {alive.returncode}) before {what}\n{out}"
+            )
+        time.sleep(0.02)
+    raise AssertionError(f"waited {timeout:g} s for {what}")
+
+
+# ---------------------------------------------------------------- runs
+
+
+def metrics(run_dir: Path, key: str | None = None) -> list[dict]:
+    """The events of a run's metrics.jsonl (`run_dir` may also be the file itself), in
+    order; with `key`, only those holding it. Every line must be one whole JSON object."""
+    path = Path(run_dir)
+    path = path if path.suffix == ".jsonl" else path / "metrics.jsonl"
+    events = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    return [e for e in events if key is None or key in e]
+
+
+LAUNCHERS = ("one", "torchrun2", "two_nodes")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """trained(args, launcher, sitecustomize="") -> the run directory of `train ARGS`, made on
+    first use and shared by the module's tests. launcher: 'one' (python -m pipeline),
+    'torchrun2' (--standalone, 2 ranks) or 'two_nodes' (2 agents x 1 rank); sitecustomize:
+    Python code every process of the run executes first."""
+    made: dict[tuple, Path] = {}
+
+    def get(args: list[str], launcher: str, sitecustomize: str = "") -> Path:
+        assert launcher in LAUNCHERS, launcher
+        key = (tuple(args), launcher, sitecustomize)
+        if key not in made:
+            run_dir = tmp_path_factory.mktemp(launcher)
+            full = ["train", *args, f"run.dir={run_dir}"]
+            env = None
+            if sitecustomize:
+                assert launcher != "two_nodes", "launch/multinode.sh takes no PYTHONPATH here"
+                site = tmp_path_factory.mktemp("site")
+                (site / "sitecustomize.py").write_text(sitecustomize)
+                env = sub_env(PYTHONPATH=f"{site}{os.pathsep}{ROOT}")
+            if launcher == "one":
+                run_cli(full, env=env)
+            elif launcher == "torchrun2":
+                torchrun(2, full, env=env)
+            else:
+                for proc in two_agents(full[1:]):
+                    assert proc.returncode == 0, proc.stdout
+            made[key] = run_dir
+        return made[key]
+
+    return get
+
+
 def load_ckpt(run_dir: Path, name: str = "last.pt") -> dict:
     return torch.load(Path(run_dir) / "checkpoints" / name, weights_only=True)
 
@@ -167,71 +332,3 @@ def assert_same_params_across_world_sizes(a: dict, b: dict) -> None:
     (one step moves an element by about lr at most)."""
     l2, mx = param_diffs(a, b)
     assert l2 < 3e-5 and mx < 1e-2, f"||a-b||/||a|| = {l2:.2e}, max|a-b|/max|a| = {mx:.2e}"
-
-
-# ---------------------------------------------------------------- the chapter's model
-# (test_model, test_generate, test_train_core)
-
-
-def one_hot(x, n_class, dtype=torch.float32):
-    result = torch.zeros(x.shape[0], n_class, dtype=dtype, device=x.device)
-    result.scatter_(1, x.long().view(-1, 1), 1)
-    return result
-
-
-def to_onehot(X, n_class):
-    return [one_hot(X[:, i], n_class) for i in range(X.shape[1])]
-
-
-def rnn(inputs, state, params):
-    W_xh, W_hh, b_h, W_hq, b_q = params
-    (H,) = state
-    outputs = []
-    for X in inputs:
-        H = torch.tanh(torch.matmul(X, W_xh) + torch.matmul(H, W_hh) + b_h)
-        Y = torch.matmul(H, W_hq) + b_q
-        outputs.append(Y)
-    return outputs, (H,)
-
-
-# ---------------------------------------------------------------- the chapter's iterators
-# (test_streams, test_train_core)
-# Copied from d2l-zh (PyTorch), d2lzh_pytorch/utils.py; only `example_indices` can be given
-# instead of drawn, so that the reference can be fed our permutation.
-
-
-def data_iter_random(corpus_indices, batch_size, num_steps, device=None, example_indices=None):
-    # 减1是因为输出的索引x是相应输入的索引y加1
-    num_examples = (len(corpus_indices) - 1) // num_steps
-    epoch_size = num_examples // batch_size
-    if example_indices is None:
-        example_indices = list(range(num_examples))
-        random.shuffle(example_indices)
-
-    # 返回从pos开始的长为num_steps的序列
-    def _data(pos):
-        return corpus_indices[pos : pos + num_steps]
-
-    for i in range(epoch_size):
-        # 每次读取batch_size个随机样本
-        i = i * batch_size
-        batch_indices = example_indices[i : i + batch_size]
-        X = [_data(j * num_steps) for j in batch_indices]
-        Y = [_data(j * num_steps + 1) for j in batch_indices]
-        yield (
-            torch.tensor(X, dtype=torch.float32, device=device),
-            torch.tensor(Y, dtype=torch.float32, device=device),
-        )
-
-
-def data_iter_consecutive(corpus_indices, batch_size, num_steps, device=None):
-    corpus_indices = torch.tensor(corpus_indices, dtype=torch.float32, device=device)
-    data_len = len(corpus_indices)
-    batch_len = data_len // batch_size
-    indices = corpus_indices[0 : batch_size * batch_len].view(batch_size, batch_len)
-    epoch_size = (batch_len - 1) // num_steps
-    for i in range(epoch_size):
-        i = i * num_steps
-        X = indices[:, i : i + num_steps]
-        Y = indices[:, i + 1 : i + num_steps + 1]
-        yield X, Y

@@ -53,6 +53,11 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 def _which(name: str) -> str:
     return shutil.which(name, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin") or name
 
@@ -107,6 +112,7 @@ class SlurmCluster:
         ports = _free_ports(1 + len(self.nodes))
         self.conf.write_text(self._slurm_conf(ports[0], ports[1:]), encoding="utf-8")
         self._spawn("slurmctld", [_which("slurmctld"), "-D", "-i"])
+        self._wait_for(lambda: _listening(ports[0]), timeout, "slurmctld's port")
         for node in self.nodes:
             self._spawn(f"slurmd-{node}", [_which("slurmd"), "-D", "-N", node])
         self._wait_for(self._all_idle, timeout, "all nodes idle (sinfo)")
@@ -139,10 +145,7 @@ class SlurmCluster:
             start_new_session=True,
         )
         log.close()
-        self.procs.append(proc)
-        time.sleep(0.2)
-        if proc.poll() is not None:
-            raise RuntimeError(f"{name} exited at start-up with {proc.returncode}:\n{self.logs()}")
+        self.procs.append(proc)  # one that dies at start-up fails the next _wait_for
 
     def _wait_for(self, ready, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout

@@ -4,11 +4,9 @@ trainer's loss path through it."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from conftest import TINY, load_ckpt, run_cli
+from conftest import TINY, load_ckpt, metrics, run_cli
 
 from pipeline.adaptive import AdaptiveIO
 from pipeline.loss import IGNORE
@@ -105,6 +103,5 @@ def test_training_with_an_adaptive_output_learns(tmp_path):
     assert any(k.startswith("io.emb") for k in saved["model"])
     out = run_cli(["eval", "--checkpoint", str(run_dir / "checkpoints" / "last.pt")])
     assert '"perplexity"' in out.stdout
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    losses = [json.loads(line)["train/loss"] for line in lines if "train/loss" in line]
+    losses = [e["train/loss"] for e in metrics(run_dir, "train/loss")]
     assert losses[-1] < losses[0] - 0.5, losses

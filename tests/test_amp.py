@@ -10,13 +10,13 @@ import pytest
 import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
-from conftest import TINY, free_port, run_cli
+from conftest import TINY, free_port, metrics, run_cli
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pipeline.amp import Amp, cpu_has_native_bf16, resolve
 from pipeline.config import TrainConfig
 from pipeline.dist import shutdown
-from pipeline.metrics import TrainAccumulator, read_jsonl
+from pipeline.metrics import TrainAccumulator
 from pipeline.model import ScratchRNN
 from pipeline.optim import build_optimizer
 from pipeline.step import train_step
@@ -138,7 +138,7 @@ def test_bf16_autocast_run_converges_as_fp32_does(tmp_path):
             ],
             timeout=240,
         )
-        events = [e for e in read_jsonl(run_dir / "metrics.jsonl") if "train/perplexity" in e]
+        events = metrics(run_dir, "train/perplexity")
         first, last = events[0]["train/perplexity"], events[-1]["train/perplexity"]
         assert all(math.isfinite(e["train/loss"]) for e in events)
         assert last < 0.05 * first, (amp, first, last)  # measured: 311 -> 1.8 (fp32)
@@ -208,15 +208,15 @@ def _body_norm(rank: int, world: int):
         ddp, list(model.parameters()), x, y, model.init_state(B, CPU), opt, amp, clip
     )
     acc.add(loss, x.numel(), norm, clip)
-    metrics = acc.reduce(world)
+    reduced = acc.reduce(world)
     return (
         rank,
         hand,
         local.double().norm().item(),
         norm.item(),
         grad_norm(model),
-        metrics["opt/grad_norm"],
-        metrics["opt/clipped"],
+        reduced["opt/grad_norm"],
+        reduced["opt/clipped"],
     )
 
 

@@ -152,15 +152,16 @@ def test_prune_keeps_newest_and_removes_partial_writes(tmp_path):
 
 
 # A writer killed in the middle of torch.save: the child writes half of the new file, says
-# so, and waits to be killed.
+# so, and waits to be killed (blocked on its stdin, which the test never writes to; should
+# the test die first, the closed pipe ends the child without finishing the file).
 KILLED_WRITER = textwrap.dedent("""
-    import io, sys, time, torch
+    import io, os, sys, torch
     from pipeline import checkpoint as ckpt
     real_save = torch.save
     def half_save(obj, f):
         buf = io.BytesIO(); real_save(obj, buf); data = buf.getvalue()
         f.write(data[: len(data) // 2]); f.flush()
-        print("writing", flush=True); time.sleep(120)
+        print("writing", flush=True); sys.stdin.read(); os._exit(1)
     torch.save = half_save
     ckpt.save_atomic({"model": {"w": torch.full((64,), 2.0)}, "vocab": ["a", "b"], "step": 2},
                      ckpt.Path(sys.argv[1]))
@@ -173,6 +174,7 @@ def test_killed_while_writing_leaves_previous_last_loadable(tmp_path):
     child = subprocess.Popen(
         [sys.executable, "-c", KILLED_WRITER, str(last)],
         cwd=ROOT,
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
     )

@@ -17,20 +17,13 @@ SMALL = [
 
 
 @pytest.fixture(scope="module")
-def two_runs(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("compare")
-    dirs = []
-    for sampling in ("consecutive", "random"):
-        run_dir = tmp / sampling
-        run_cli(["train", f"run.dir={run_dir}", *SMALL, f"train.sampling={sampling}"], timeout=180)
-        dirs.append(run_dir)
-    return tmp, dirs
+def two_runs(trained):
+    return [trained([*SMALL, f"train.sampling={s}"], "one") for s in ("consecutive", "random")]
 
 
 @pytest.mark.slow
-def test_compare_prints_table_and_writes_png(two_runs):
-    tmp, dirs = two_runs
-    png = tmp / "compare.png"
+def test_compare_prints_table_and_writes_png(two_runs, tmp_path):
+    dirs, png = two_runs, tmp_path / "compare.png"
     out = run_cli(["compare", *map(str, dirs), "--plot", str(png)], timeout=120).stdout
     rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.strip()}
     assert rows["train.sampling"] == ["consecutive", "random"]  # the differing key
@@ -57,10 +50,9 @@ def test_compare_prints_table_and_writes_png(two_runs):
 
 @pytest.mark.slow
 def test_compare_rejects_a_directory_without_metrics(two_runs, tmp_path):
-    _, dirs = two_runs
     (tmp_path / "empty").mkdir()
     proc = run_cli(
-        ["compare", str(dirs[0]), str(tmp_path / "empty"), "--plot", str(tmp_path / "x.png")],
+        ["compare", str(two_runs[0]), str(tmp_path / "empty"), "--plot", str(tmp_path / "x.png")],
         check=False,
         timeout=120,
     )

@@ -5,12 +5,12 @@ process with the same global batch and seed end with the same parameters and rep
 global losses. Each rank carries its own streams' hidden state from one minibatch to the next
 and resets it at each epoch. Bad launches fail fast with a clear message.
 
-Runs are shared between tests (one per configuration and launcher, made on first use).
+Runs are shared between tests (conftest.trained: one per configuration and launcher, made on
+first use).
 """
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -18,17 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import (
-    ROOT,
-    TINY,
-    TORCHRUN,
-    assert_params_close,
-    load_ckpt,
-    run_cli,
-    sub_env,
-    torchrun,
-    two_agents,
-)
+from conftest import ROOT, TINY, assert_params_close, load_ckpt, metrics, sub_env, torchrun
 
 from pipeline import config
 from pipeline.corpus import load_corpus
@@ -62,36 +52,8 @@ def overrides(kind: str, sampling: str) -> list[str]:
     return [*COMMON, f"model.kind={kind}", f"train.sampling={sampling}"]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """trained(kind, sampling, launcher) -> run directory; launcher is 'one' (python -m
-    pipeline), 'torchrun2' (--standalone, 2 ranks) or 'two_nodes' (2 agents x 1 rank)."""
-    made: dict[tuple, Path] = {}
-
-    def get(kind: str, sampling: str, launcher: str) -> Path:
-        key = (kind, sampling, launcher)
-        if key not in made:
-            run_dir = tmp_path_factory.mktemp(f"{kind}-{sampling}-{launcher}")
-            args = ["train", *overrides(kind, sampling), f"run.dir={run_dir}"]
-            if launcher == "one":
-                run_cli(args)
-            elif launcher == "torchrun2":
-                torchrun(2, args)
-            else:
-                for proc in two_agents(args[1:]):
-                    assert proc.returncode == 0, proc.stdout
-            made[key] = run_dir
-        return made[key]
-
-    return get
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def by_step(rows: list[dict], key: str) -> dict[int, float]:
-    return {r["step"]: r[key] for r in rows if key in r}
+def by_step(run_dir: Path, key: str) -> dict[int, float]:
+    return {e["step"]: e[key] for e in metrics(run_dir, key)}
 
 
 # ---------------------------------------------------------------- world-size invariance
@@ -100,7 +62,8 @@ def by_step(rows: list[dict], key: str) -> dict[int, float]:
 @pytest.mark.slow
 @pytest.mark.parametrize("kind,sampling", CASES)
 def test_two_ranks_match_one_process(trained, kind, sampling):
-    one, two = trained(kind, sampling, "one"), trained(kind, sampling, "torchrun2")
+    args = overrides(kind, sampling)
+    one, two = trained(args, "one"), trained(args, "torchrun2")
     a, b = load_ckpt(one), load_ckpt(two)
     assert a["step"] == b["step"] == STEPS_PER_EPOCH * EPOCHS
     assert (a["world_size"], b["world_size"]) == (1, 2)
@@ -112,9 +75,8 @@ def test_two_ranks_match_one_process(trained, kind, sampling):
     assert moved > 1e-2
 
     # Metrics are global (loss x tokens and tokens summed over ranks), not rank 0's share.
-    ma, mb = metrics(one), metrics(two)
     for key in ("train/loss", "val/loss"):
-        sa, sb = by_step(ma, key), by_step(mb, key)
+        sa, sb = by_step(one, key), by_step(two, key)
         assert sa and sa.keys() == sb.keys(), key
         for step in sa:
             assert sb[step] == pytest.approx(sa[step], rel=1e-5), (key, step)
@@ -122,8 +84,8 @@ def test_two_ranks_match_one_process(trained, kind, sampling):
 
 @pytest.mark.slow
 def test_two_nodes_match_one_process(trained):
-    one = trained("rnn_scratch", "consecutive", "one")
-    nodes = trained("rnn_scratch", "consecutive", "two_nodes")
+    one = trained(overrides("rnn_scratch", "consecutive"), "one")
+    nodes = trained(overrides("rnn_scratch", "consecutive"), "two_nodes")
     a, b = load_ckpt(one), load_ckpt(nodes)
     assert b["world_size"] == 2 and b["step"] == a["step"]
     assert_params_close(a["model"], b["model"], rtol=1e-5)
@@ -146,7 +108,7 @@ def test_each_rank_carries_its_own_state_and_resets_per_epoch(trained, rank):
     alone on its own rows (a single process, no other rank) from those parameters must give
     the state the trainer saved one step later: it carries state s_t into step t+1, and
     starts from zero at the first minibatch of each epoch."""
-    run_dir = trained("lstm", "consecutive", "torchrun2")
+    run_dir = trained(overrides("lstm", "consecutive"), "torchrun2")
     cfg = config.load(None, [*overrides("lstm", "consecutive"), f"run.dir={run_dir}"])
     corpus = load_corpus(cfg.data)
     ids = corpus.splits["train"]
@@ -257,28 +219,9 @@ def test_rank_dying_at_startup_stops_the_job(tmp_path):
     exits non-zero well before any collective timeout."""
     script = tmp_path / "crash_at_start.py"
     script.write_text(CRASH_AT_START)
-    cmd = [
-        "timeout",
-        "-k",
-        "10",
-        "180",
-        TORCHRUN,
-        "--standalone",
-        "--nproc_per_node=2",
-        str(script),
-        "train",
-        *overrides("rnn_scratch", "consecutive"),
-        f"run.dir={tmp_path / 'run'}",
-    ]
+    args = ["train", *overrides("rnn_scratch", "consecutive"), f"run.dir={tmp_path / 'run'}"]
     started = time.monotonic()
-    proc = subprocess.run(
-        cmd,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=220,
-        env=sub_env(PYTHONPATH=str(ROOT)),
-    )
+    proc = torchrun(2, args, timeout=180, env=sub_env(PYTHONPATH=ROOT), check=False, script=script)
     _assert_fails_fast(proc, started, "simulated crash at start-up")
     assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
 

@@ -1,10 +1,10 @@
 """Elastic restarts and resizing with real torchrun jobs on gloo.
 
 Kill and restart: a 2-rank job under `torchrun --max-restarts=1` (one agent, or two agents as
-two simulated nodes meeting at a c10d rendezvous on 127.0.0.1) has one worker SIGKILLed after
-a periodic checkpoint was written; the agent restarts every worker, they resume from
-`checkpoints/last.pt` by themselves, and the job ends with exactly the parameters of an
-uninterrupted 2-rank run. Resize: a checkpoint written by 2 ranks resumes on 1, and one written
+two simulated nodes meeting at a c10d rendezvous on 127.0.0.1) has one worker SIGKILLed right
+after a periodic checkpoint was written (it kills itself at a known step: PIPELINE_FAULTS,
+pipeline/faults.py); the agent restarts every worker, they resume from `checkpoints/last.pt`
+by themselves, and the job ends with exactly the parameters of an uninterrupted 2-rank run. Resize: a checkpoint written by 2 ranks resumes on 1, and one written
 by 1 rank resumes on 2, ending where the uninterrupted run ends (to float rounding). The model
 has dropout and weight drop: the masks are a pure function of (seed, step, global stream), so
 neither a restart nor a resize needs saved random state.
@@ -15,24 +15,27 @@ was a one-off script: `git show 5a22952:bench/elastic_soak.py`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import (
-    ROOT,
     TINY,
-    TORCHRUN,
     assert_same_params_across_world_sizes,
+    continue_when_pending,
+    descendants,
     free_port,
+    kill_tree,
     load_ckpt,
+    stopped_worker,
     sub_env,
     torchrun,
+    wait_until,
 )
 
 from pipeline.__main__ import main
@@ -40,7 +43,7 @@ from pipeline.__main__ import main
 pytestmark = pytest.mark.slow  # every test here runs torchrun jobs
 
 K = 160  # steps of every run here; epochs of 37 minibatches (data.max_chars=1200)
-KILL_AFTER = 10  # SIGKILL a worker once the periodic checkpoint of this step exists
+KILL_AT = 11  # a worker SIGKILLs itself before this step, right after step 10's checkpoint
 BASE = [
     *TINY,
     "data.max_chars=1200",
@@ -60,125 +63,43 @@ BASE = [
 TIMEOUT = 240  # per torchrun job; an idle machine needs about 10 s
 
 
-# ---------------------------------------------------------------- helpers (also the soak's)
+# ---------------------------------------------------------------- helpers
 
 
-def _children() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            tree.setdefault(ppid, []).append(int(entry.name))
-    return tree
-
-
-def workers(agent_pids: list[int]) -> dict[tuple[int, int], int]:
-    """{(RANK, TORCHELASTIC_RESTART_COUNT): pid} of the workers under these agents."""
-    tree, found, todo = _children(), {}, list(agent_pids)
-    while todo:
-        pid = todo.pop()
-        todo += tree.get(pid, [])
-        try:
-            env = dict(
-                kv.split("=", 1)
-                for kv in Path(f"/proc/{pid}/environ")
-                .read_bytes()
-                .decode(errors="replace")
-                .split("\0")
-                if "=" in kv
-            )
-        except OSError:
-            continue
-        if "RANK" in env and "TORCHELASTIC_RESTART_COUNT" in env and pid not in agent_pids:
-            found[(int(env["RANK"]), int(env["TORCHELASTIC_RESTART_COUNT"]))] = pid
-    return found
-
-
-def agent_commands(run_dir: Path, nodes: int) -> list[list[str]]:
-    """One torchrun agent for 2 ranks on one node, or two 1-rank agents as two nodes."""
-    args = ["-m", "pipeline", "train", *BASE, f"run.dir={run_dir}"]
-    if nodes == 1:
-        return [[TORCHRUN, "--standalone", "--nproc_per_node=2", "--max-restarts=1", *args]]
-    port, rdzv = free_port(), f"soak{os.getpid()}{time.monotonic_ns() % 10**6}"
-    return [
-        [
-            TORCHRUN,
-            "--nnodes=2",
-            "--nproc_per_node=1",
-            "--max-restarts=1",
-            "--rdzv-backend=c10d",
-            f"--rdzv-endpoint=127.0.0.1:{port}",
-            f"--rdzv-id={rdzv}",
-            *args,
-        ]
-        for _ in range(2)
-    ]
-
-
-def kill_and_restart(
-    run_dir: Path, nodes: int, victim_rank: int, share_store: bool = True, timeout: float = TIMEOUT
-) -> dict:
-    """Run the job, SIGKILL worker `victim_rank` once step KILL_AFTER's checkpoint exists,
-    let the agents restart it. `share_store=False` sets TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
-    (a fresh store every rendezvous round). Returns exit codes, logs, the step killed at."""
+def kill_and_restart(run_dir: Path, nodes: int, victim_rank: int, share_store: bool = True):
+    """Run the job with worker `victim_rank` SIGKILLing itself before step KILL_AT (in the
+    first attempt only), the agents restarting it. `share_store=False` sets
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (a fresh store every rendezvous round). Every agent
+    gets the fault: the rank keeps its node across the restart (c10d orders the nodes by a
+    descriptor fixed for the agent's life), where its agent counts a restart, so the fault
+    fires once. Returns each agent's exit status and its output."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    env = sub_env() if share_store else sub_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1)
+    env = sub_env(PIPELINE_FAULTS=f"sigkill:{victim_rank}:{KILL_AT}")
+    if not share_store:
+        env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    args = ["train", *BASE, f"run.dir={run_dir}"]
+    rdzv = (nodes, free_port(), f"elastic{os.getpid()}{time.monotonic_ns() % 10**6}")
     logs = [run_dir / f"agent{i}.log" for i in range(nodes)]
-    procs = [
-        subprocess.Popen(
-            cmd,
-            cwd=ROOT,
-            env=env,
-            stdout=open(log, "w"),  # noqa: SIM115
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        for cmd, log in zip(agent_commands(run_dir, nodes), logs)
-    ]
-    marker = run_dir / "checkpoints" / f"step_{KILL_AFTER:08d}.pt"
-    deadline, killed_at = time.monotonic() + timeout, None
-    try:
-        while killed_at is None and time.monotonic() < deadline:
-            if any(p.poll() is not None for p in procs):
-                break  # finished (or failed) before the kill: reported below
-            if marker.exists():
-                pid = workers([p.pid for p in procs]).get((victim_rank, 0))
-                if pid:
-                    os.kill(pid, signal.SIGKILL)
-                    killed_at = max(int(p.name[5:13]) for p in marker.parent.glob("step_*.pt"))
-            time.sleep(0.02)
-        codes = [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
-    except subprocess.TimeoutExpired:
-        codes = [None] * nodes
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-    return {
-        "codes": codes,
-        "killed_at": killed_at,
-        "log": "\n".join(f"--- {log.name}\n{log.read_text()}" for log in logs),
-    }
-
-
-def check_restarted(out: dict, run_dir: Path, reference: dict) -> str:
-    """'' when the job restarted, resumed and ended with the reference's exact parameters."""
-    if out["killed_at"] is None:
-        return "the job ended before a worker could be killed"
-    if out["codes"] != [0] * len(out["codes"]):
-        return f"agents exited with {out['codes']}"
-    if "resumed from" not in out["log"]:
-        return "the restarted workers did not resume from a checkpoint"
-    final = load_ckpt(run_dir)
-    if final["step"] != K:
-        return f"last.pt is at step {final['step']}, not {K}"
-    diff = [k for k in reference if not torch.equal(reference[k], final["model"][k])]
-    return f"parameters differ from the uninterrupted run: {diff}" if diff else ""
+    with contextlib.ExitStack() as files:
+        procs = [
+            torchrun(
+                2 // nodes,
+                args,
+                timeout=TIMEOUT,
+                env=env,
+                extra=["--max-restarts=1"],
+                rdzv=rdzv if nodes > 1 else None,
+                popen=True,
+                stdout=files.enter_context(open(log, "w")),
+            )
+            for log in logs
+        ]
+        try:
+            codes = [p.wait(timeout=TIMEOUT + 30) for p in procs]
+        finally:
+            for p in procs:
+                kill_tree(p)
+    return codes, "\n".join(f"--- {log.name}\n{log.read_text()}" for log in logs)
 
 
 # ---------------------------------------------------------------- tests
@@ -201,10 +122,19 @@ def runs(tmp_path_factory) -> Path:
     "nodes,victim,share", [(1, 1, True), (2, 0, False)], ids=["one_node", "two_nodes"]
 )
 def test_killed_worker_restarts_and_ends_exactly(runs, tmp_path, nodes, victim, share):
-    reference = load_ckpt(runs / "w2")["model"]
-    out = kill_and_restart(tmp_path / "run", nodes, victim, share_store=share)
-    problem = check_restarted(out, tmp_path / "run", reference)
-    assert not problem, f"{problem}\n{out['log'][-6000:]}"
+    run_dir = tmp_path / "run"
+    codes, log = kill_and_restart(run_dir, nodes, victim, share_store=share)
+    assert codes == [0] * nodes, f"agents exited with {codes}\n{log[-6000:]}"
+    assert "exitcode: -9" in log, log[-6000:]  # the victim's SIGKILL, in torchrun's report
+    # the restarted workers resumed from the checkpoint of the step before the kill
+    resumed = f"resumed from '{run_dir / 'checkpoints' / 'last.pt'}' at step {KILL_AT - 1} "
+    assert log.count(resumed) == 1 and log.count("resumed from") == 1, log[-6000:]
+    final, reference = load_ckpt(run_dir), load_ckpt(runs / "w2")
+    assert final["step"] == K
+    diff = [
+        k for k in reference["model"] if not torch.equal(reference["model"][k], final["model"][k])
+    ]
+    assert not diff, f"parameters differ from the uninterrupted run: {diff}"
 
 
 def _resume_copy(src: Path, step: int, dest: Path) -> str:
@@ -237,41 +167,28 @@ def test_resize_one_rank_to_two(runs, tmp_path):
 def test_sigterm_to_torchrun_saves_and_resumes_exactly(runs, tmp_path):
     """SIGTERM to the agent (as `scancel` or the sbatch trap): it forwards SIGTERM to the
     workers, which agree on it, save and exit 75; the agent itself exits 1 (torchrun reports
-    the signal), which launch/slurm.sbatch maps to a requeue. The resumed job ends exactly."""
-    run_dir = tmp_path / "run"
-    cmd = [
-        TORCHRUN,
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "pipeline",
-        "train",
-        *BASE,
-        f"run.dir={run_dir}",
-        "train.signal_check_every=2",
-    ]
-    agent = subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        env=sub_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    first = run_dir / "checkpoints" / "step_00000005.pt"
-    deadline = time.monotonic() + TIMEOUT
-    while not first.exists() and agent.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    agent.send_signal(signal.SIGTERM)
+    the signal), which launch/slurm.sbatch maps to a requeue. The resumed job ends exactly.
+
+    At a known step: rank 1 stops itself (SIGSTOP) before step STOP; once it is stopped the
+    agent gets SIGTERM; once the forwarded SIGTERM waits in the stopped rank it is continued:
+    both ranks have the signal at their stop check after step STOP (train.signal_check_every
+    divides it), so that step is saved."""
+    run_dir, stop = tmp_path / "run", 12
+    args = ["train", *BASE, f"run.dir={run_dir}", "train.signal_check_every=2"]
+    env = sub_env(PIPELINE_FAULTS=f"sigstop:1:{stop}")
+    launcher = torchrun(2, args, timeout=TIMEOUT, env=env, popen=True)  # `timeout` AGENT
     try:
-        out, _ = agent.communicate(timeout=TIMEOUT)
+        agent = wait_until(lambda: descendants(launcher.pid)[:1], 30, "torchrun", launcher)[0]
+        rank1 = stopped_worker(f"run.dir={run_dir}", 1, TIMEOUT, launcher)
+        assert load_ckpt(run_dir)["step"] == 10  # the periodic checkpoint before the stop
+        os.kill(agent, signal.SIGTERM)  # the agent forwards it to both ranks
+        continue_when_pending(rank1, signal.SIGTERM)
+        out, _ = launcher.communicate(timeout=TIMEOUT)
     finally:
-        if agent.poll() is None:
-            os.killpg(agent.pid, signal.SIGKILL)
+        kill_tree(launcher)
     saved = load_ckpt(run_dir)
-    assert agent.returncode != 0 and f"preempted: saved step {saved['step']}" in out, out
-    assert 5 <= saved["step"] < K
+    assert launcher.returncode == 1, out
+    assert saved["step"] == stop and f"preempted: saved step {stop} to " in out, out
     torchrun(2, ["train", *BASE, f"run.dir={run_dir}"], timeout=TIMEOUT)
     final, straight = load_ckpt(run_dir), load_ckpt(runs / "w2")
     assert final["step"] == K

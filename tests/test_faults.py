@@ -21,19 +21,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import (
-    ROOT,
-    TINY,
-    load_ckpt,
-    sub_env,
-    torchrun,
-)
+from conftest import TINY, load_ckpt, metrics, proc_state, run_cli, sub_env, torchrun, wait_until
 
 from pipeline import checkpoint as ckpt
 from pipeline.__main__ import main
 from pipeline.amp import Amp
 from pipeline.config import TrainConfig
-from pipeline.metrics import read_jsonl
 from pipeline.model import ScratchRNN
 from pipeline.nonfinite import NonFiniteGuard
 from pipeline.optim import build_optimizer
@@ -99,8 +92,7 @@ def test_a_nan_on_one_rank_is_skipped_on_both_and_counted_once(tmp_path, amp):
         for name, updates in (("last.pt", 9), ("step_00000006.pt", 5), ("step_00000004.pt", 4)):
             state = load_ckpt(run_dir, name)["optimizer"]["state"]
             assert {float(s["step"]) for s in state.values()} == {updates}, name
-        events = read_jsonl(run_dir / "metrics.jsonl")
-        assert sum(e.get("opt/nonfinite_steps", 0) for e in events) == 1
+        assert sum(e["opt/nonfinite_steps"] for e in metrics(run_dir, "opt/nonfinite_steps")) == 1
     a, b = load_ckpt(tmp_path / "0")["model"], load_ckpt(tmp_path / "1")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -119,7 +111,7 @@ def test_a_streak_past_the_patience_stops_both_ranks_saving_nothing_newer(tmp_pa
     assert "diverged: 3 consecutive non-finite steps, 5 to 7" in out.stderr
     assert periodic_steps(run_dir) == [2, 4]  # nothing newer than the last good checkpoint
     assert load_ckpt(run_dir)["step"] == 4 and all_finite(run_dir)
-    assert max(e["step"] for e in read_jsonl(run_dir / "metrics.jsonl")) == 7  # stopped there
+    assert max(e["step"] for e in metrics(run_dir)) == 7  # stopped there
 
 
 @pytest.mark.slow
@@ -138,8 +130,7 @@ def test_a_blow_up_after_resume_keeps_every_good_checkpoint(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("error: diverged: 10 consecutive non-finite")
     assert periodic_steps(run_dir) == [10, 20] and all_finite(run_dir)
     assert load_ckpt(run_dir)["step"] == 20
-    events = read_jsonl(run_dir / "metrics.jsonl")
-    assert max(e["step"] for e in events) <= 20 + 1 + 10 + 10  # patience + one check interval
+    assert max(e["step"] for e in metrics(run_dir)) <= 20 + 1 + 10 + 10  # patience + a check
     assert main(["train", *args, "train.max_steps=30"]) == 0
     assert "resumed from" in capsys.readouterr().out and load_ckpt(run_dir)["step"] == 30
 
@@ -300,8 +291,7 @@ def _left_intact(run_dir: Path, saved: list[int]) -> None:
     assert periodic_steps(run_dir) == saved
     assert ckpt.load(run_dir / "checkpoints" / "last.pt")["step"] == saved[-1]  # loads, whole
     assert no_temporary_files(run_dir)
-    for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
-        json.loads(line)
+    metrics(run_dir)  # whole lines: each one JSON object
 
 
 def test_a_checkpoint_that_does_not_fit_stops_the_run_with_one_line(small_disk, capsys):
@@ -344,22 +334,16 @@ def test_a_disk_too_small_for_one_checkpoint_stops_before_training(tmp_path, cap
 # ---------------------------------------------------------------- one job per run directory
 
 
-def _stopped_job(run_dir: Path, *extra: str) -> subprocess.Popen:
+def _stopped_job(run_dir: Path) -> subprocess.Popen:
     """A real job that stops itself (SIGSTOP) before step 5, holding its run directory."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "train", *LOCKED, f"run.dir={run_dir}", *extra],
-        cwd=ROOT, env=sub_env(PIPELINE_FAULTS="sigstop:0:5"), text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        state = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        if state == "T":
-            return proc
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.05)
-    proc.kill()
-    raise AssertionError("the job did not reach step 5")
+    args = ["train", *LOCKED, f"run.dir={run_dir}"]
+    proc = run_cli(args, env=sub_env(PIPELINE_FAULTS="sigstop:0:5"), popen=True)
+    try:
+        wait_until(lambda: proc_state(proc.pid) == "T", 120, "the stop before step 5", proc)
+    except BaseException:
+        proc.kill()
+        raise
+    return proc
 
 
 LOCKED = [*BASE, "train.max_steps=12", "train.checkpoint_every=4", "train.threads=1"]
@@ -382,6 +366,7 @@ def test_a_second_job_on_a_held_run_directory_exits_2_and_touches_nothing(tmp_pa
         assert f"run directory '{run_dir}' is in use by another job" in err
         assert f"pid {first.pid}, started 20" in err and "host " in err
         assert _listing(run_dir) == before
+        assert load_ckpt(run_dir)["step"] == 4  # stopped before step 5, after step 4's save
     finally:
         first.send_signal(signal.SIGCONT)
     assert first.wait(timeout=120) == 0, first.communicate()
@@ -396,6 +381,7 @@ def test_after_kill_9_of_the_holder_a_new_job_takes_the_directory_at_once(tmp_pa
     holder = _stopped_job(run_dir)
     holder.kill()
     holder.wait(timeout=30)
+    assert load_ckpt(run_dir)["step"] == 4  # the holder's last checkpoint: the resume's start
     assert main(["train", *LOCKED, f"run.dir={run_dir}"]) == 0
     assert "resumed from" in capsys.readouterr().out and load_ckpt(run_dir)["step"] == 12
     assert json.loads((run_dir / "run.lock").read_text())["pid"] == os.getpid()
@@ -425,16 +411,15 @@ def test_one_config_gives_bit_identical_parameters_run_after_run(tmp_path):
         if i % 2:
             neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"])
         try:
-            env = sub_env(OMP_NUM_THREADS=2)
-            proc = subprocess.run(
-                [sys.executable, "-m", "pipeline", "train", *args, f"run.dir={tmp_path / str(i)}"],
-                cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-            )  # fmt: skip
+            run_cli(
+                ["train", *args, f"run.dir={tmp_path / str(i)}"],
+                timeout=600,
+                env=sub_env(OMP_NUM_THREADS=2),
+            )
         finally:
             if neighbour is not None:
                 neighbour.kill()
                 neighbour.wait()
-        assert proc.returncode == 0, proc.stderr
         model = load_ckpt(tmp_path / str(i))["model"]
         hashes.add(tuple(hash(model[k].numpy().tobytes()) for k in sorted(model)))
     assert len(hashes) == 1

@@ -7,8 +7,9 @@ import zipfile
 
 import pytest
 import torch
-from conftest import JAYCHOU_ZIP, rnn, run_cli, to_onehot
+from conftest import JAYCHOU_ZIP, run_cli
 
+from bench.seed_reference import rnn, to_onehot
 from pipeline import config
 from pipeline.config import ModelConfig
 from pipeline.generate import PrefixError, check_prefix, generate

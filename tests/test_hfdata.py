@@ -94,10 +94,8 @@ def test_max_chars_keeps_the_first_characters(hf_home, tmp_path):
 
 
 def test_second_prepare_reuses_cache_without_tokenizing(prepared, tmp_path, monkeypatch, capsys):
-    """`prepare` through the CLI (num_proc=2), then again with Dataset.map and the character
-    count disabled: the folder is reused byte for byte, files untouched."""
-    import datasets
-
+    """`prepare` through the CLI (num_proc=2), then again with counting and writing
+    disabled: the folder is reused byte for byte, files untouched."""
     _, folder, corpus = prepared
     args = [
         "prepare",
@@ -110,15 +108,14 @@ def test_second_prepare_reuses_cache_without_tokenizing(prepared, tmp_path, monk
     assert main(args) == 0
     (built,) = (tmp_path / "hf").iterdir()
     assert built.name == folder.name  # same key: num_proc does not change the ids
-    for split, ids in corpus.splits.items():  # two map workers give the one-process result
+    for split, ids in corpus.splits.items():  # two worker processes give the one-process result
         assert np.array_equal(np.fromfile(built / f"{split}.bin", dtype=np.uint16), ids)
     mtimes = {p.name: p.stat().st_mtime_ns for p in built.iterdir()}
 
     def forbidden(*a, **k):
         raise AssertionError("tokenization ran although the cache was valid")
 
-    monkeypatch.setattr(datasets.Dataset, "map", forbidden)
-    monkeypatch.setattr(hfdata, "count_chars", forbidden)
+    monkeypatch.setattr(hfdata, "_shard_pass", forbidden)
     capsys.readouterr()
     assert main(args) == 0
     assert f"reusing {built}" in capsys.readouterr().out
@@ -309,3 +306,51 @@ def test_split_too_short_for_the_batch_says_the_minimum(hf_home, tmp_path, capsy
     assert rc == 2
     err = capsys.readouterr().err
     assert "3000 characters" in err and "at least 4097" in err  # random windows: 64 x 64 + 1
+
+
+def split_into_files(tmp_path: Path, parts: int) -> Path:
+    """songci's train split as `parts` parquet files (and its validation split as is): a
+    local dataset a stream shards by file."""
+    folder = tmp_path / "songci_parts"
+    (folder / "data").mkdir(parents=True)
+    table = pq.read_table(next((SONGCI / "data").glob("train-*.parquet")))
+    per = -(-table.num_rows // parts)
+    for k in range(parts):
+        pq.write_table(
+            table.slice(k * per, per), folder / "data" / f"train-{k:05d}-of-{parts:05d}.parquet"
+        )
+    shutil.copy(next((SONGCI / "data").glob("validation-*.parquet")), folder / "data")
+    return folder
+
+
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_a_stream_prepares_the_same_ids_without_an_arrow_copy(hf_home, tmp_path, num_proc):
+    """data.streaming=true reads the parquet files as they are (shards by file, num_proc
+    processes): the vocabulary and ids equal the non-streaming preparation of the same
+    files, and no Arrow file appears in the Hugging Face cache."""
+    import datasets
+
+    source = split_into_files(tmp_path, parts=3)
+    cache = datasets.config.HF_DATASETS_CACHE
+    before = set(Path(cache).rglob("*.arrow")) if Path(cache).exists() else set()
+    common = dict(source="hf", path=str(source), test_split="", min_freq=2)
+    streamed = hfdata.load_hf_corpus(
+        DataConfig(**common, streaming=True, num_proc=num_proc, cache_dir=str(tmp_path / "s"))
+    )
+    after = set(Path(cache).rglob("*.arrow")) if Path(cache).exists() else set()
+    assert after == before  # the stream made no Arrow copy
+    plain = hfdata.load_hf_corpus(DataConfig(**common, cache_dir=str(tmp_path / "p")))
+    assert streamed.vocab.itos == plain.vocab.itos
+    for split, ids in plain.splits.items():
+        assert np.array_equal(streamed.splits[split], ids), split
+
+
+def test_a_stream_with_max_chars_keeps_the_first_characters(hf_home, tmp_path):
+    common = dict(source="hf", path=str(SONGCI), max_chars=5000, test_split="")
+    streamed = hfdata.load_hf_corpus(
+        DataConfig(**common, streaming=True, cache_dir=str(tmp_path / "s"))
+    )
+    plain = hfdata.load_hf_corpus(DataConfig(**common, cache_dir=str(tmp_path / "p")))
+    assert len(streamed.splits["train"]) == 5000
+    for split, ids in plain.splits.items():
+        assert np.array_equal(streamed.splits[split], ids), split

@@ -22,11 +22,10 @@ from conftest import (
     ROOT,
     assert_same_params_across_world_sizes,
     load_ckpt,
+    metrics,
     param_diffs,
     run_cli,
-    sub_env,
     torchrun,
-    two_agents,
 )
 
 pytestmark = pytest.mark.slow
@@ -67,44 +66,21 @@ noise.Noise.dropout_mask = _stream_zero
 
 
 def val_loss(run_dir: Path) -> float:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["val/loss"] for r in rows if "val/loss" in r][-1]
+    return metrics(run_dir, "val/loss")[-1]["val/loss"]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """trained(variant, sampling, launcher) -> run directory, made on first use; launcher
-    'one' (python -m pipeline), 'torchrun2' (2 ranks), 'two_nodes' (2 agents x 1 rank) or
-    'wrong_masks' (2 ranks, every rank with stream 0's masks)."""
-    made: dict[tuple, Path] = {}
-
-    def get(variant: str, sampling: str, launcher: str) -> Path:
-        key = (variant, sampling, launcher)
-        if key not in made:
-            run_dir = tmp_path_factory.mktemp("-".join(key))
-            args = ["train", *BASE, *VARIANTS[variant], f"train.sampling={sampling}"]
-            args.append(f"run.dir={run_dir}")
-            if launcher == "one":
-                run_cli(args)
-            elif launcher == "torchrun2":
-                torchrun(2, args)
-            elif launcher == "two_nodes":
-                for proc in two_agents(args[1:]):
-                    assert proc.returncode == 0, proc.stdout
-            else:
-                site = run_dir / "site"
-                site.mkdir()
-                (site / "sitecustomize.py").write_text(SAME_MASKS_ON_EVERY_RANK)
-                torchrun(2, args, env=sub_env(PYTHONPATH=f"{site}:{ROOT}"))
-            made[key] = run_dir
-        return made[key]
-
-    return get
+def run(trained, variant: str, sampling: str, launcher: str) -> Path:
+    """The run of a variant (made once, conftest.trained); launcher 'one', 'torchrun2',
+    'two_nodes', or 'wrong_masks' (2 ranks, every rank with stream 0's masks)."""
+    args = [*BASE, *VARIANTS[variant], f"train.sampling={sampling}"]
+    if launcher == "wrong_masks":
+        return trained(args, "torchrun2", sitecustomize=SAME_MASKS_ON_EVERY_RANK)
+    return trained(args, launcher)
 
 
 @pytest.mark.parametrize("variant,sampling", CASES)
 def test_two_ranks_match_one_process_with_dropout(trained, variant, sampling):
-    one, two = trained(variant, sampling, "one"), trained(variant, sampling, "torchrun2")
+    one, two = run(trained, variant, sampling, "one"), run(trained, variant, sampling, "torchrun2")
     a, b = load_ckpt(one), load_ckpt(two)
     assert a["step"] == b["step"] == 30 and (a["world_size"], b["world_size"]) == (1, 2)
     assert a["config"]["model"]["dropout"] == 0.5  # the committed main job
@@ -114,15 +90,15 @@ def test_two_ranks_match_one_process_with_dropout(trained, variant, sampling):
 
 @pytest.mark.parametrize("variant,sampling", [("lstm", "consecutive"), ("locked_wd", "random")])
 def test_two_nodes_match_one_process_with_dropout(trained, variant, sampling):
-    a = load_ckpt(trained(variant, sampling, "one"))
-    b = load_ckpt(trained(variant, sampling, "two_nodes"))
+    a = load_ckpt(run(trained, variant, sampling, "one"))
+    b = load_ckpt(run(trained, variant, sampling, "two_nodes"))
     assert b["world_size"] == 2 and b["step"] == 30
     assert_same_params_across_world_sizes(a["model"], b["model"])
 
 
 def test_the_check_fails_when_every_rank_draws_the_same_masks(trained):
-    a = load_ckpt(trained("lstm", "consecutive", "one"))
-    wrong = load_ckpt(trained("lstm", "consecutive", "wrong_masks"))
+    a = load_ckpt(run(trained, "lstm", "consecutive", "one"))
+    wrong = load_ckpt(run(trained, "lstm", "consecutive", "wrong_masks"))
     assert wrong["world_size"] == 2 and wrong["step"] == 30
     l2, mx = param_diffs(a["model"], wrong["model"])
     assert l2 > 1e-2 and mx > 1e-1, (l2, mx)  # measured: 0.26 and 0.5
@@ -130,7 +106,7 @@ def test_the_check_fails_when_every_rank_draws_the_same_masks(trained):
 
 @pytest.mark.parametrize("batch", [16, 5])
 def test_eval_same_on_one_process_and_two_ranks(trained, batch):
-    path = trained("lstm", "consecutive", "one") / "checkpoints" / "last.pt"
+    path = run(trained, "lstm", "consecutive", "one") / "checkpoints" / "last.pt"
     args = ["eval", "--checkpoint", str(path), "--split", "validation", f"--batch-size={batch}"]
 
     def result(proc) -> dict:

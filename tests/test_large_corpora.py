@@ -11,7 +11,7 @@ import tracemalloc
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, load_ckpt
+from conftest import TINY, load_ckpt, metrics
 
 from pipeline.__main__ import main
 from pipeline.shuffle import Order, order, round_keys
@@ -102,8 +102,7 @@ def test_eval_max_chars_bounds_training_and_the_eval_command(tmp_path, capsys):
     assert (
         main(["train", *BASE, "train.max_steps=4", "eval.max_chars=301", f"run.dir={run_dir}"]) == 0
     )
-    last = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    val = [e for e in last if "val/loss" in e][-1]
+    val = metrics(run_dir, "val/loss")[-1]
     capsys.readouterr()
     ckpt = str(run_dir / "checkpoints" / "last.pt")
     assert main(["eval", "--checkpoint", ckpt, "--max-chars", "301", "--device", "cpu"]) == 0

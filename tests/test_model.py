@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import rnn, to_onehot
 
+from bench.seed_reference import rnn, to_onehot
+from pipeline import config
 from pipeline.config import ConfigError, ModelConfig
 from pipeline.model import ScratchRNN, TorchRNN, build_model, detach_state, num_params
 
@@ -117,11 +118,29 @@ def test_torch_models_options():
     assert m.embedding.weight.shape == (V, 8) and m.dropout == 0.3
     # one single-layer cell per layer: the module, not the kernel, drops between them
     assert [(c.input_size, c.num_layers, c.dropout) for c in m.rnn] == [(8, 1, 0), (H, 1, 0)]
-    tied = TorchRNN("lstm", V, H, tie_weights=True)
+
+
+def test_weight_tying_shares_the_matrix_and_cuts_parameters():
+    """model.tie_weights (through the config): the output layer is the embedding matrix, one
+    V x H matrix fewer; a state dict loads into a fresh tied model (both names, one tensor);
+    unequal widths are a config error."""
+
+    def model(kind="lstm", hidden_size=H, embedding_size=H, **kw):
+        kw.update(kind=kind, hidden_size=hidden_size, embedding_size=embedding_size)
+        return build_model(config.load(None, [f"model.{k}={v}" for k, v in kw.items()]).model, V)
+
+    untied, tied = model(), model(tie_weights="true")
     assert tied.dense.weight is tied.embedding.weight
-    assert num_params(tied) == num_params(TorchRNN("lstm", V, H)) - V * H
+    assert tied.dense.weight.data_ptr() == tied.embedding.weight.data_ptr()
+    assert num_params(untied) - num_params(tied) == V * H
+    fresh = model(tie_weights="true")
+    fresh.load_state_dict(tied.state_dict())
+    assert fresh.dense.weight.data_ptr() == fresh.embedding.weight.data_ptr()
+    assert torch.equal(fresh.dense.weight, tied.dense.weight)
     with pytest.raises(ConfigError, match="model.tie_weights"):
         TorchRNN("lstm", V, H, embedding_size=8, tie_weights=True)
+    with pytest.raises(ConfigError, match="model.tie_weights"):
+        model(kind="gru", hidden_size=32, embedding_size=16, tie_weights="true")
 
 
 def test_scratch_says_which_options_it_ignores():
@@ -150,13 +169,3 @@ def test_forget_bias_shifts_only_the_forget_gate():
             assert torch.equal(delta, torch.zeros_like(delta)), key
     with pytest.warns(UserWarning, match=r"model.forget_bias=1.0: only an lstm"):
         build_model(ModelConfig(kind="gru", hidden_size=H, forget_bias=1.0), V)
-
-
-def test_dropout_only_in_training_mode():
-    torch.manual_seed(0)
-    m = TorchRNN("lstm", V, H, num_layers=2, dropout=0.5).eval()
-    x = torch.randint(0, V, (B, T))
-    s = m.init_state(B, torch.device("cpu"))
-    torch.testing.assert_close(m(x, s)[0], m(x, s)[0])
-    m.train()
-    assert not torch.allclose(m(x, s)[0], m(x, s)[0])

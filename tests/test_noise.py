@@ -8,7 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.model import TorchRNN
+from pipeline import config
+from pipeline.config import ModelConfig
+from pipeline.model import TorchRNN, build_model
 from pipeline.noise import BITS, GAMMA, WEIGHT_SITE, Noise, fmix64, site_key
 
 CPU = torch.device("cpu")
@@ -126,15 +128,25 @@ def test_rank_rows_equal_the_global_batch_rows(kw):
 
 
 def test_dropout_changes_the_loss_and_is_off_in_eval():
+    """Training mode: the masks are a pure function of the noise; without one (outside the
+    trainer) fresh masks from torch's RNG at every call; model.dropout=0 drops nothing. Eval
+    mode drops nothing, noise or not. model.dropout from the config reaches the model."""
     x = torch.randint(0, V, (B, T))
     for kind, model in models().items():
         state = model.init_state(B, CPU)
         a = model(x, state, Noise(0, 1))[0]
         assert torch.equal(a, model(x, state, Noise(0, 1))[0])  # a pure function of the noise
         assert not torch.allclose(a, model(x, state, Noise(0, 2))[0])  # another step
+        assert not torch.allclose(model(x, state)[0], model(x, state)[0])  # no noise given
         model.eval()
         e1, e2 = model(x, state, Noise(0, 1))[0], model(x, state, Noise(0, 2))[0]
         assert torch.equal(e1, e2) and not torch.allclose(a, e1), kind
+        assert torch.equal(model(x, state)[0], e1), kind
+        plain = build_model(ModelConfig(kind=kind, hidden_size=H, num_layers=2, dropout=0.0), V)
+        assert plain.training and plain.dropout == 0.0
+        assert torch.equal(plain(x, state)[0], plain(x, state)[0]), kind
+    cfg = config.load(None, ["model.kind=gru", "model.num_layers=2", "model.dropout=0.5"])
+    assert build_model(cfg.model, V).dropout == 0.5
 
 
 def test_locked_dropout_shares_the_mask_across_time():

@@ -9,12 +9,9 @@ data.max_chars=1200); the resumed part crosses an epoch boundary.
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
-from conftest import ROOT, TINY, load_ckpt, sub_env
+from conftest import ROOT, TINY, load_ckpt, run_cli, sub_env
 
 from pipeline.__main__ import main
 from pipeline.train import PREEMPTED_EXIT
@@ -113,21 +110,9 @@ def test_sigterm_saves_exits_75_and_resumes_exactly(straight, tmp_path, capsys):
     """Preemption of a real process, with dropout: a real SIGTERM at a known step (the
     process sends it to itself before step 7, PIPELINE_FAULTS), so nothing races the run."""
     case = CASES["consecutive_dropout"]
-    cmd = [
-        sys.executable,
-        "-m",
-        "pipeline",
-        "train",
-        *BASE,
-        f"run.dir={tmp_path}",
-        *case,
-        f"train.max_steps={K}",
-        "train.checkpoint_every=2",
-    ]
-    proc = subprocess.run(
-        cmd, cwd=ROOT, env=sub_env(PIPELINE_FAULTS="sigterm:0:7"), capture_output=True,
-        text=True, timeout=240,
-    )  # fmt: skip
+    args = ["train", *BASE, f"run.dir={tmp_path}", *case, f"train.max_steps={K}"]
+    args.append("train.checkpoint_every=2")
+    proc = run_cli(args, timeout=240, env=sub_env(PIPELINE_FAULTS="sigterm:0:7"), check=False)
     assert proc.returncode == PREEMPTED_EXIT, proc.stdout + proc.stderr
     saved = load_ckpt(tmp_path)
     assert saved["step"] == 7  # the signal's step: agreed on at once by the lone rank

@@ -7,13 +7,24 @@ them); skipped with the reason otherwise. Daemons are stopped by pid, also on fa
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+import signal
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TINY, TORCHRUN, assert_params_close, load_ckpt, run_cli, sub_env
+from conftest import (
+    ROOT,
+    TINY,
+    TORCHRUN,
+    VENV_PATH,
+    assert_params_close,
+    continue_when_pending,
+    kill_tree,
+    load_ckpt,
+    run_cli,
+    stopped_rank,
+    sub_env,
+    torchrun,
+)
 from slurm_cluster import SlurmCluster, missing
 
 pytestmark = [
@@ -23,7 +34,6 @@ pytestmark = [
 
 CONFIG = "configs/seed_scratch_consecutive.yaml"
 SMALL = [*TINY, "train.epochs=2", "train.max_steps=40", "train.resume=auto"]
-VENV_PATH = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +42,14 @@ def cluster(tmp_path_factory):
         yield c
 
 
-def submit(cluster: SlurmCluster, out_dir: Path, args: list[str]) -> str:
+def submit(cluster: SlurmCluster, out_dir: Path, args: list[str], **extra) -> str:
     env = sub_env(
-        CONFIG=CONFIG, ARGS=" ".join(args), NPROC_PER_NODE=1, TORCHRUN=TORCHRUN, PATH=VENV_PATH
+        CONFIG=CONFIG,
+        ARGS=" ".join(args),
+        NPROC_PER_NODE=1,
+        TORCHRUN=TORCHRUN,
+        PATH=VENV_PATH,
+        **extra,
     )
     return cluster.sbatch(
         ["--nodes=2", f"--output={out_dir}/%x-%j.out", str(ROOT / "launch" / "slurm.sbatch")],
@@ -63,9 +78,13 @@ def test_sbatch_two_nodes_completes_and_matches_one_process(cluster, tmp_path):
 def test_preempted_job_saves_requeues_and_resumes(cluster, tmp_path):
     """USR1 to the batch script (what --signal=B:USR1@120 sends before the time limit):
     the script forwards SIGTERM, the ranks save and exit 75, the job is requeued and the
-    second run resumes from the checkpoint and finishes."""
-    run_dir = tmp_path / "run"
-    steps = 600  # ~5 s of training here: time to signal it after the first checkpoint
+    second run resumes from the checkpoint and finishes.
+
+    At a known step: rank 1 stops itself before step STOP (PIPELINE_FAULTS); once it is
+    stopped the batch script gets USR1; once the SIGTERM the script forwards waits in the
+    stopped rank, it goes on: both ranks have the signal at the stop check after step STOP
+    (train.signal_check_every divides it), mid-epoch and between periodic checkpoints."""
+    run_dir, steps, stop = tmp_path / "run", 600, 50
     args = [
         *TINY,
         "model.hidden_size=128",
@@ -75,33 +94,41 @@ def test_preempted_job_saves_requeues_and_resumes(cluster, tmp_path):
         "train.signal_check_every=5",
         "train.resume=auto",
     ]
-    job = submit(cluster, tmp_path, [*args, f"run.dir={run_dir}"])
+    job = submit(
+        cluster, tmp_path, [*args, f"run.dir={run_dir}"], PIPELINE_FAULTS=f"sigstop:1:{stop}"
+    )
     # The same 2-rank run, uninterrupted (alongside: it only slows the job down). Not 1
     # process: over 600 steps at lr 1 float rounding differences grow (losses agree to 1e-7
     # at step 248, to 1e-2 by step 496), and this test is about the resume, not world size.
-    launch = ["timeout", "-k", "10", "300", TORCHRUN, "--standalone", "--nproc_per_node=2"]
-    train = ["-m", "pipeline", "train", "--config", CONFIG, *args, f"run.dir={tmp_path / 'ref'}"]
-    ref_log = tmp_path / "ref.log"
-    with open(ref_log, "wb") as log:
-        reference = subprocess.Popen([*launch, *train], cwd=ROOT, env=sub_env(), stdout=log,
-                                     stderr=subprocess.STDOUT)  # fmt: skip
-    first = run_dir / "checkpoints" / "last.pt"  # periodic ones are pruned as it goes
-    cluster.wait(
-        job,
-        timeout=180,
-        until=lambda info: first.exists() or info["JobState"] not in ("PENDING", "RUNNING"),
-    )
-    assert first.exists(), cluster.job(job)
-    cluster.run(["scancel", "--batch", "--signal=USR1", job])
-    info = cluster.wait(job, timeout=240)  # requeued jobs stay in the queue (pending)
-    out = job_output(info)
-    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), out
-    assert "requeueing" in out and "restart 1" in out, out
-    resumed = [line for line in out.splitlines() if "resumed from" in line]
-    assert resumed, out
-    at_step = int(resumed[0].split(" at step ")[1].split()[0])
-    assert 20 <= at_step < steps, resumed
-    assert reference.wait(timeout=330) == 0, ref_log.read_text()
+    ref_args = ["train", "--config", CONFIG, *args, f"run.dir={tmp_path / 'ref'}"]
+    with open(tmp_path / "ref.log", "w") as ref_log:
+        reference = torchrun(2, ref_args, timeout=300, popen=True, stdout=ref_log)
+    try:
+        marker, found = f"run.dir={run_dir}", {}
+
+        def stopped(info: dict) -> bool:
+            found["pid"] = stopped_rank(marker, 1)
+            return bool(found["pid"]) or info["JobState"] not in ("PENDING", "RUNNING")
+
+        cluster.wait(job, timeout=180, until=stopped)
+        assert found["pid"], cluster.job(job)
+        assert load_ckpt(run_dir)["step"] == 40  # the periodic checkpoint before the stop
+        cluster.run(["scancel", "--batch", "--signal=USR1", job])
+        continue_when_pending(found["pid"], signal.SIGTERM)
+        info = cluster.wait(job, timeout=240)  # requeued jobs stay in the queue (pending)
+        out = job_output(info)
+        assert (info["JobState"], info["ExitCode"], info["Restarts"]) == (
+            "COMPLETED",
+            "0:0",
+            "1",
+        ), out
+        assert "requeueing" in out and "restart 1" in out, out
+        assert f"preempted: saved step {stop} to" in out, out
+        resumed = [line for line in out.splitlines() if "resumed from" in line]
+        assert len(resumed) == 1 and f" at step {stop} " in resumed[0], out
+        assert reference.wait(timeout=330) == 0, (tmp_path / "ref.log").read_text()
+    finally:
+        kill_tree(reference)
     a, b = load_ckpt(tmp_path / "ref"), load_ckpt(run_dir)
     assert (a["step"], b["step"]) == (steps, steps)
     # Preempted mid-epoch, resumed with every rank's hidden state: same as never stopped.

@@ -8,8 +8,8 @@ import random
 import numpy as np
 import pytest
 import torch
-from conftest import data_iter_consecutive, data_iter_random
 
+from bench.seed_reference import data_iter_consecutive, data_iter_random
 from pipeline.data import DataError
 from pipeline.streams import IGNORE, ConsecutiveStreams, EvalStreams, RandomWindows
 

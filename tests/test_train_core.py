@@ -9,28 +9,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, data_iter_consecutive, data_iter_random, load_ckpt, rnn, to_onehot
+from conftest import TINY, load_ckpt, metrics
 
 import pipeline.train as train_mod
+from bench.seed_reference import (
+    data_iter_consecutive,
+    data_iter_random,
+    grad_clipping,
+    train_minibatch,
+)
 from pipeline import config
 from pipeline.config import TrainConfig
 from pipeline.corpus import load_corpus
-from pipeline.metrics import read_jsonl
 from pipeline.model import ScratchRNN
 from pipeline.optim import build_optimizer, clip_grad_global, lr_at
 from pipeline.streams import RandomWindows
 
 # ---------------------------------------------------------------- clipping
-
-
-def grad_clipping(params, theta, device):  # the chapter's
-    norm = torch.tensor([0.0], device=device)
-    for param in params:
-        norm += (param.grad.data**2).sum()
-    norm = norm.sqrt().item()
-    if norm > theta:
-        for param in params:
-            param.grad.data *= theta / norm
 
 
 def params_with_grads(scale: float) -> list[torch.nn.Parameter]:
@@ -138,7 +133,7 @@ def tiny_cfg(tmp_path: Path, *extra: str) -> config.Config:
 def test_short_training_run_lowers_the_loss(tmp_path):
     cfg = tiny_cfg(tmp_path, "train.epochs=2", "train.log_every=25", "train.lr=2.0")
     result = train_mod.run(cfg)
-    events = [e for e in read_jsonl(Path(cfg.run.dir) / "metrics.jsonl") if "train/perplexity" in e]
+    events = metrics(cfg.run.dir, "train/perplexity")
     steps = [e["step"] for e in events]
     assert steps == sorted(steps) and steps[0] == 25 and len(events) >= 5
     first, last = events[0]["train/perplexity"], events[-1]["train/perplexity"]
@@ -185,19 +180,11 @@ def chapter_train(
             else:
                 for s in state:
                     s.detach_()
-            outputs, state = rnn(to_onehot(X, vocab_size), state, params)
-            outputs = torch.cat(outputs, dim=0)
-            y = torch.flatten(Y.T)
-            l = loss(outputs, y.long())  # noqa: E741 (the chapter's name)
-            if params[0].grad is not None:
-                for param in params:
-                    param.grad.data.zero_()
-            l.backward()
-            grad_clipping(params, t.clip, torch.device("cpu"))
-            for param in params:  # d2l.sgd(params, lr, 1)
-                param.data -= t.lr * param.grad / 1
-            l_sum += l.item() * y.shape[0]
-            n += y.shape[0]
+            l, tokens, state = train_minibatch(  # noqa: E741 (the chapter's name)
+                params, X, Y, state, vocab_size, loss, t.lr, t.clip, torch.device("cpu")
+            )
+            l_sum += l.item() * tokens
+            n += tokens
         perplexities.append(math.exp(l_sum / n))
     return [p.detach() for p in params], perplexities
 
@@ -222,11 +209,7 @@ def test_training_equals_chapter_loop(tmp_path, sampling):
     corpus = load_corpus(cfg.data)
     ids = corpus.splits["train"].tolist()
     ref, ref_ppl = chapter_train(ids, len(corpus.vocab), cfg, init_seed=cfg.train.seed)
-    ppl = [
-        e["train/perplexity"]
-        for e in read_jsonl(Path(cfg.run.dir) / "metrics.jsonl")
-        if "train/perplexity" in e
-    ]  # logged once per epoch
+    ppl = [e["train/perplexity"] for e in metrics(cfg.run.dir, "train/perplexity")]  # per epoch
     assert ppl == pytest.approx(ref_ppl, rel=1e-5)
     assert ppl[-1] < ppl[0]
     for name, p in zip(["W_xh", "W_hh", "b_h", "W_hq", "b_q"], ref):

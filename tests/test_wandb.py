@@ -7,16 +7,27 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY, load_ckpt, run_cli, sub_env, torchrun
+from conftest import (
+    ROOT,
+    TINY,
+    kill_tree,
+    load_ckpt,
+    metrics,
+    proc_state,
+    run_cli,
+    sub_env,
+    torchrun,
+    wait_until,
+)
 
 from pipeline.amp import resolve
-from pipeline.metrics import read_jsonl
 from pipeline.progress import Progress
 from pipeline.wandb_history import attempts, history_steps, read_records
 from pipeline.wandb_sink import wandb_mode
@@ -97,9 +108,7 @@ def test_offline_run_holds_config_and_final_summary(offline_run):
     head = (run_dir / "config.yaml").read_text(encoding="utf-8").splitlines()[0]
     assert head == f"# precision used: {used} (train.amp=auto)"
 
-    events = read_jsonl(run_dir / "metrics.jsonl")
-    train = [e for e in events if "train/perplexity" in e]
-    val = [e for e in events if "val/perplexity" in e]
+    train, val = metrics(run_dir, "train/perplexity"), metrics(run_dir, "val/perplexity")
     assert [e["step"] for e in train] == [4, 8, 12] and [e["step"] for e in val] == [6, 12]
     summary = run["summary"]
     assert summary["train/perplexity"] == pytest.approx(train[-1]["train/perplexity"], rel=1e-12)
@@ -210,10 +219,6 @@ def test_two_ranks_auto_without_credentials_make_one_offline_run(tmp_path):
     assert run["config"]["world_size"] == 2 and run["steps"] == [2, 4]
 
 
-# Kills itself (SIGKILL, nothing flushed) right after logging step KILL_AT; with
-# WAIT_SYNCED it first waits until wandb's file holds the checkpoint's step.
-
-
 def kill_args(run_dir: Path, *extra: str) -> list[str]:
     """The CLI arguments of the kill-and-resume tests: 12 steps, a checkpoint every 5."""
     return [
@@ -228,36 +233,31 @@ def kill_args(run_dir: Path, *extra: str) -> list[str]:
     ]
 
 
-def run_killed(script: str, args: list[str], env: dict) -> None:
-    """`python -c SCRIPT ARGS`, which must end by SIGKILL."""
-    proc = subprocess.run(
-        [sys.executable, "-c", script, *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert proc.returncode == -9, proc.stderr
+def killed_after_step_8(args: list[str], wandb_dir: Path, flush: str) -> None:
+    """The run SIGKILLed right after step 8 was logged (before step 9: PIPELINE_FAULTS).
+    `lost`: it kills itself, wandb's file not flushed (the default 15 s interval). `flushed`:
+    it stops itself there (sigstop), wandb flushing every 0.05 s; the kill comes once wandb's
+    file holds the checkpoint's step 5."""
+    if flush == "lost":
+        env = wandb_env(wandb_dir, PIPELINE_FAULTS="sigkill:0:9")
+        proc = run_cli(args, env=env, timeout=180, check=False)
+        assert proc.returncode == -9, proc.stdout + proc.stderr
+        return
+    env = wandb_env(wandb_dir, PIPELINE_FAULTS="sigstop:0:9")
+    env["WANDB__TRANSACTION_LOG_FLUSH_INTERVAL"] = "0.05"
+    proc = run_cli(args, env=env, popen=True)
+    try:
+        wait_until(lambda: proc_state(proc.pid) == "T", 180, "the stop before step 9", proc)
 
+        def synced_5() -> bool:
+            files = wandb_files(wandb_dir)
+            return bool(files) and 5 in history_steps(files[0])
 
-KILLER = """
-import os, signal, sys, time
-import pipeline.metrics as m, pipeline.__main__ as cli
-from pipeline.wandb_history import history_steps
-orig = m.RunLogger.log
-def log(self, step, metrics):
-    orig(self, step, metrics)
-    if step >= int(os.environ["KILL_AT"]):
-        if os.environ.get("WAIT_SYNCED"):
-            for _ in range(300):
-                if int(os.environ["WAIT_SYNCED"]) in history_steps(self.wandb.settings.sync_file):
-                    break
-                time.sleep(0.1)
-        os.kill(os.getpid(), signal.SIGKILL)
-m.RunLogger.log = log
-sys.exit(cli.main())
-"""
+        wait_until(synced_5, 60, "wandb's file to hold step 5")  # it was sent at step 5
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=60) == -9
+    finally:
+        kill_tree(proc)
 
 
 @pytest.mark.slow
@@ -268,13 +268,9 @@ def test_resume_after_kill_continues_one_run_without_gaps(tmp_path, flush):
     1..5 (events after the checkpoint were held back), so nothing is sent twice."""
     run_dir, wandb_dir = tmp_path / "run", tmp_path / "wandb"
     args = kill_args(run_dir, "train.resume=auto")
-    extra = {"KILL_AT": 8}
-    if flush == "flushed":
-        extra.update(WAIT_SYNCED=5, WANDB__TRANSACTION_LOG_FLUSH_INTERVAL=0.05)
-    env = wandb_env(wandb_dir, **extra)
-    run_killed(KILLER, args, env)
+    killed_after_step_8(args, wandb_dir, flush)
     assert load_ckpt(run_dir)["step"] == 5
-    assert max(e["step"] for e in read_jsonl(run_dir / "metrics.jsonl")) == 8  # past it
+    assert max(e["step"] for e in metrics(run_dir)) == 8  # past it
     (before,) = wandb_files(wandb_dir)
     assert history_steps(before) == ([] if flush == "lost" else [1, 2, 3, 4, 5])
 
@@ -287,11 +283,9 @@ def test_resume_after_kill_continues_one_run_without_gaps(tmp_path, flush):
     assert read_run(files[1])["id"] == run_id
     steps = [s for f in files for s in history_steps(f)]
     assert steps == list(range(1, 13))  # strictly increasing, no gap, no duplicate
-    train_steps = [e["step"] for e in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in e]
-    assert train_steps == list(range(1, 13))
-    times = [
-        e["time/elapsed_s"] for e in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in e
-    ]
+    train = metrics(run_dir, "train/loss")
+    assert [e["step"] for e in train] == list(range(1, 13))
+    times = [e["time/elapsed_s"] for e in train]
     assert times == sorted(times)  # wall time continues across the resume
 
 
@@ -302,15 +296,32 @@ def test_history_reader_rejects_foreign_files(tmp_path):
     assert os.path.getsize(tmp_path / "x.wandb") > 0
 
 
-# Kills itself while the periodic checkpoint of step KILL_IN_SAVE is being written, after
-# giving wandb (flushing every 0.05 s) time to write whatever it was sent.
+# Kills itself while the periodic checkpoint of step KILL_IN_SAVE is being written, once
+# wandb (flushing every 0.05 s) wrote whatever it was sent: first a marker (a config update)
+# goes after it, then the kill waits until wandb's file holds the marker (records are
+# written in the order sent). Exit 3 if it never does.
 KILLED_IN_SAVE = """
 import os, signal, sys, time
+import wandb
 import pipeline.checkpoint as ckpt, pipeline.__main__ as cli
+from pipeline.wandb_history import read_records
+
+def marked(path):
+    return any(
+        r.WhichOneof("record_type") == "config"
+        and any(i.key == "killed_in_save" for i in r.config.update)
+        for r in read_records(path)
+    )
+
 orig = ckpt.save_atomic
 def save_atomic(state, path):
     if path.name == f"step_{int(os.environ['KILL_IN_SAVE']):08d}.pt":
-        time.sleep(1.5)
+        wandb.run.config.update({"killed_in_save": True}, allow_val_change=True)
+        deadline = time.monotonic() + 60
+        while not marked(wandb.run.settings.sync_file):
+            if time.monotonic() > deadline:
+                os._exit(3)
+            time.sleep(0.02)
         os.kill(os.getpid(), signal.SIGKILL)
     orig(state, path)
 ckpt.save_atomic = save_atomic
@@ -326,7 +337,11 @@ def test_kill_during_a_save_sends_no_step_that_the_resume_redoes(tmp_path):
     run_dir, wandb_dir = tmp_path / "run", tmp_path / "wandb"
     args = kill_args(run_dir)
     env = wandb_env(wandb_dir, KILL_IN_SAVE=10, WANDB__TRANSACTION_LOG_FLUSH_INTERVAL=0.05)
-    run_killed(KILLED_IN_SAVE, args, env)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLED_IN_SAVE, *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert proc.returncode == -9, proc.stdout + proc.stderr
     assert load_ckpt(run_dir)["step"] == 5
     (before,) = wandb_files(wandb_dir)
     assert history_steps(before) == [1, 2, 3, 4, 5]
@@ -335,28 +350,14 @@ def test_kill_during_a_save_sends_no_step_that_the_resume_redoes(tmp_path):
     assert [s for f in files for s in history_steps(f)] == list(range(1, 13))
 
 
-# Under torchrun --max-restarts=1: the first attempt's worker dies right after logging
-# step CRASH_AT (no checkpoint exists: train.checkpoint_every=0); the restart redoes the run.
-CRASH_ONCE = """
-import os, sys
-import pipeline.metrics as m, pipeline.__main__ as cli
-orig = m.RunLogger.log
-def log(self, step, metrics):
-    orig(self, step, metrics)
-    if step >= int(os.environ["CRASH_AT"]) and os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
-        os._exit(1)
-m.RunLogger.log = log
-sys.exit(cli.main())
-"""
-
-
 @pytest.mark.slow
 def test_elastic_restart_without_checkpoint_keeps_history_and_run(tmp_path):
-    """No checkpoint to resume from: the restarted worker trains again from step 0 (the same
-    steps, exactly), keeps metrics.jsonl and the wandb run, and logs no step twice."""
+    """Under torchrun --max-restarts=1 the first attempt's worker is SIGKILLed right after
+    logging step 8 (before step 9: PIPELINE_FAULTS, first attempt only), with no checkpoint
+    to resume from (train.checkpoint_every=0): the restarted worker trains again from step 0
+    (the same steps, exactly), keeps metrics.jsonl and the wandb run, and logs no step
+    twice."""
     run_dir, wandb_dir = tmp_path / "run", tmp_path / "wandb"
-    script = tmp_path / "crash_once.py"
-    script.write_text(CRASH_ONCE)
     args = [
         "train",
         f"run.dir={run_dir}",
@@ -366,18 +367,16 @@ def test_elastic_restart_without_checkpoint_keeps_history_and_run(tmp_path):
         "train.checkpoint_every=0",
         "logging.wandb.mode=offline",
     ]
-    env = wandb_env(wandb_dir, CRASH_AT=8, PYTHONPATH=ROOT)
-    cmd = ["timeout", "-k", "10", "240", str(Path(sys.executable).with_name("torchrun"))]
-    cmd += ["--standalone", "--nproc_per_node=1", "--max-restarts=1", str(script), *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=270)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    env = wandb_env(wandb_dir, PIPELINE_FAULTS="sigkill:0:9")
+    proc = torchrun(1, args, timeout=240, env=env, extra=["--max-restarts=1"])
+    assert "exitcode: -9" in proc.stdout + proc.stderr  # the first attempt, killed
+    assert "resumed from" not in proc.stdout
     run_id = load_ckpt(run_dir)["wandb_run_id"]
     assert json.loads((run_dir / "run.json").read_text())["wandb_run_id"] == run_id
     files = attempts(wandb_dir / "wandb", run_id)
     assert len(files) == 2 and wandb_files(wandb_dir) == files  # one run, two attempts
     assert [s for f in files for s in history_steps(f)] == list(range(1, 13))
-    rows = read_jsonl(run_dir / "metrics.jsonl")
-    assert [e["step"] for e in rows if "train/loss" in e] == list(range(1, 13))
+    assert [e["step"] for e in metrics(run_dir, "train/loss")] == list(range(1, 13))
 
 
 @pytest.mark.slow

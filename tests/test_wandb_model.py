@@ -6,13 +6,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, TINY, load_ckpt, sub_env, wait_until
+from conftest import TINY, load_ckpt, proc_state, run_cli, sub_env, wait_until
 
 from pipeline.__main__ import main
 from pipeline.wandb_history import read_records
@@ -98,22 +96,14 @@ def test_a_killed_run_already_holds_its_best_value(tmp_path):
         PIPELINE_FAULTS="sigstop:0:9",
         WANDB__TRANSACTION_LOG_FLUSH_INTERVAL=0.05,
     )
-    cmd = [sys.executable, "-m", "pipeline", "train", *RUN, f"run.dir={run_dir}"]
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    proc = run_cli(["train", *RUN, f"run.dir={run_dir}"], env=env, popen=True)
     try:
 
         def logged_best():
             files = sorted(Path(wandb_dir).rglob("run-*.wandb"))
             return files and "best/val_bpc" in summary(read_records(files[0]))
 
-        wait_until(
-            lambda: Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T",
-            120,
-            "the stop",
-            proc,
-        )
+        wait_until(lambda: proc_state(proc.pid) == "T", 120, "the stop", proc)
         wait_until(logged_best, 60, "best/val_bpc in the log")
     finally:
         os.kill(proc.pid, signal.SIGKILL)
