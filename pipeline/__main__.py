@@ -182,11 +182,7 @@ def parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--config", help="YAML file in configs/")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=40")
-    t.add_argument(
-        "--print-config",
-        action="store_true",
-        help="print the resolved config as YAML (usable as --config) and exit",
-    )
+    t.add_argument("--print-config", action="store_true", help="print the resolved YAML; exit")
     t.set_defaults(fn=cmd_train)
 
     g = sub.add_parser("generate", help="continue a prefix with a trained model")
@@ -214,12 +210,7 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="default: the config's eval.batch_size",
     )
-    e.add_argument(
-        "--max-chars",
-        type=int,
-        default=0,
-        help="the first N characters of the split (default 0: the whole split)",
-    )
+    e.add_argument("--max-chars", type=int, default=0, help="the first N characters (0: all)")
     e.add_argument("--amp", default="off", choices=["off", "bf16", "fp16", "auto"])
     e.add_argument("--device", default="auto")
     e.set_defaults(fn=cmd_eval)
@@ -227,11 +218,7 @@ def parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("prepare", help="build the prepared-data cache ahead of a job")
     pr.add_argument("--config", required=True)
     pr.add_argument("overrides", nargs="*")
-    pr.add_argument(
-        "--verify",
-        action="store_true",
-        help="hash every prepared file again (sha256; a job start only checks their sizes)",
-    )
+    pr.add_argument("--verify", action="store_true", help="sha256 every prepared file again")
     pr.set_defaults(fn=cmd_prepare)
 
     x = sub.add_parser("export", help="write a Hugging Face model folder from a checkpoint")

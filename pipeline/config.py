@@ -65,7 +65,8 @@ class DataConfig:
     separator: str = "\n"  # joins documents of a Hugging Face split
     min_freq: int = 1  # rarer training characters map to <unk>
     max_vocab: int = 0  # keep the most frequent N characters (0 = all)
-    num_proc: int = 1  # worker processes for Dataset.map
+    num_proc: int = 1  # processes that count and write the prepared ids (data.source=hf)
+    streaming: bool = False  # hf: read the source files as a stream (no Arrow copy in the cache)
     cache_dir: str = ""  # prepared-data cache; "" means $PIPELINE_CACHE_DIR or ~/.cache
 
 

@@ -33,11 +33,11 @@ import numpy as np
 
 from . import dist
 from .config import DataConfig
-from .data import Corpus, DataError, cache_dir
-from .idcache import FORMAT, open_prepared, replace_dir, verify, write_ids
+from .data import Corpus, DataError, cache_dir, sha256_of
+from .idcache import FORMAT, open_prepared, replace_dir, verify
 from .vocab import UNK, Vocab
 
-BATCH = 1000  # documents per map/iteration batch: bounds memory while preparing
+BATCH = 1000  # documents per batch: bounds memory while preparing
 
 
 # ---------------------------------------------------------------- loading the dataset
@@ -66,7 +66,8 @@ def open_dataset(data: DataConfig) -> dict:
             f"config key 'data.path': local dataset folder '{data.path}' does not exist"
         )
     try:
-        dd = datasets.load_dataset(str(local) if looks_local else data.path, data.name or None)
+        where = str(local) if looks_local else data.path
+        dd = datasets.load_dataset(where, data.name or None, streaming=data.streaming)
     except (ConnectionError, FileNotFoundError) as err:
         if datasets.config.HF_HUB_OFFLINE:
             raise DataError(
@@ -99,6 +100,9 @@ def open_dataset(data: DataConfig) -> dict:
                 f"'{name}' (available: {sorted(dd)})"
             )
         ds = dd[name]
+        if data.streaming:  # no Arrow copy: the documents come from the source files
+            out[canon] = _checked_stream(ds, name, data)
+            continue
         if data.text_field not in ds.column_names:
             raise DataError(
                 f"config key 'data.text_field': split '{name}' of '{data.path}' has no "
@@ -116,6 +120,28 @@ def open_dataset(data: DataConfig) -> dict:
     return out
 
 
+def _checked_stream(ds, name: str, data: DataConfig):
+    columns = list(ds.features or {})
+    if ds.features is not None and data.text_field not in columns:
+        raise DataError(
+            f"config key 'data.text_field': split '{name}' of '{data.path}' has no "
+            f"column '{data.text_field}' (available: {columns})"
+        )
+    return ds
+
+
+def source_fingerprint(data: DataConfig, ds) -> str:
+    """A Dataset's own fingerprint; for a stream, the source files' names, sizes and times
+    (a local folder) or the Hub id and config (a Hub dataset is read as it is now)."""
+    found = getattr(ds, "_fingerprint", None)
+    if found:
+        return found
+    local = Path(data.path).expanduser()
+    files = sorted(p for p in local.rglob("*") if p.is_file()) if local.is_dir() else []
+    stats = [(str(p.relative_to(local)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return hashlib.sha256(json.dumps([data.path, data.name, stats]).encode()).hexdigest()
+
+
 def cache_key(data: DataConfig, splits: dict) -> tuple[str, dict]:
     """Everything that changes the prepared ids, hashed. The fingerprints change with the
     dataset's files (and where it is cached), the rest with the config."""
@@ -123,7 +149,7 @@ def cache_key(data: DataConfig, splits: dict) -> tuple[str, dict]:
         "format": FORMAT,
         "path": data.path,
         "name": data.name,
-        "fingerprints": {k: ds._fingerprint for k, ds in splits.items()},
+        "fingerprints": {k: source_fingerprint(data, ds) for k, ds in splits.items()},
         "splits": split_names(data),
         "text_field": data.text_field,
         "separator": data.separator,
@@ -156,15 +182,16 @@ def join_batch(texts: list[str], first_index: int, sep: str, newlines: str) -> s
 
 def text_batches(ds, field: str):
     """(index of the first document, texts) for consecutive batches of BATCH documents."""
-    for lo, batch in zip(
-        range(0, ds.num_rows, BATCH), ds.select_columns([field]).iter(batch_size=BATCH)
-    ):
+    lo = 0
+    for batch in ds.select_columns([field]).iter(batch_size=BATCH):
         yield lo, batch[field]
+        lo += len(batch[field])
 
 
 def first_documents(ds, data: DataConfig):
-    """With data.max_chars, only the documents that reach the first max_chars characters."""
-    if not data.max_chars:
+    """With data.max_chars, only the documents that reach the first max_chars characters (a
+    stream is cut while it is read)."""
+    if not data.max_chars or data.streaming:
         return ds
     total, sep = 0, len(data.separator)
     for lo, texts in text_batches(ds, data.text_field):
@@ -175,87 +202,96 @@ def first_documents(ds, data: DataConfig):
     return ds
 
 
-def count_chars(ds, data: DataConfig) -> tuple[Counter, int]:
-    """Character counts of the split's joined text (its first max_chars characters), and how
-    many of the documents' own characters (not separators) the split has at all."""
-    counts: Counter = Counter()
-    left, doc_chars = data.max_chars or float("inf"), 0
-    for lo, texts in text_batches(ds, data.text_field):
-        doc_chars += sum(len(t or "") for t in texts)
-        text = join_batch(texts, lo, data.separator, data.newlines)
-        text = text[: int(min(left, len(text)))]
-        counts.update(text)
-        left -= len(text)
-        if left <= 0:
-            break
-    return counts, doc_chars
+CODE_POINTS = 0x110000
+
+
+def _shard_pass(job: dict) -> dict:
+    """One contiguous shard of a split, in one process. Without `lut`: the code-point counts
+    of its joined text (the first `limit` characters when > 0) and how many of the documents'
+    own characters it has; with `lut`: its ids written into `path` from id `offset` on.
+    Memory: one batch of documents and one count per code point, whatever the shard's size."""
+    ds, first, data, lut = job["ds"], job["first"], job["data"], job.get("lut")
+    left = job.get("limit") or float("inf")
+    counts = np.zeros(CODE_POINTS, dtype=np.int64) if lut is None else None
+    doc_chars = n = 0
+    f = None
+    if lut is not None:
+        f = open(job["path"], "r+b")
+        f.seek(job["offset"] * np.dtype(job["dtype"]).itemsize)
+    try:
+        for lo, texts in text_batches(ds, data.text_field):
+            doc_chars += sum(len(t or "") for t in texts)
+            text = join_batch(texts, first + lo, data.separator, data.newlines)
+            cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+            cps = cps[: int(min(left, len(cps)))]
+            if lut is None:
+                counts += np.bincount(cps, minlength=CODE_POINTS)
+            else:
+                ids = lut[cps]
+                if (ids >= job["n_vocab"]).any():  # lookup_table's marker: never counted
+                    raise DataError("a character is missing from the vocabulary (no <unk>)")
+                f.write(memoryview(np.ascontiguousarray(ids.astype(job["dtype"]))))
+            n += len(cps)
+            left -= len(cps)
+            if left <= 0:
+                break
+    finally:
+        if f is not None:
+            f.close()
+    return {"counts": counts, "doc_chars": doc_chars, "chars": n}
+
+
+def _run(jobs: list[dict], num_proc: int) -> list[dict]:
+    """The jobs in `num_proc` worker processes (forked, as datasets' own map), or here."""
+    if num_proc <= 1 or len(jobs) <= 1:
+        return [_shard_pass(job) for job in jobs]
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(min(num_proc, len(jobs))) as pool:
+        return pool.map(_shard_pass, jobs, chunksize=1)
+
+
+def _shards(ds, data: DataConfig) -> list[tuple[int, object]]:
+    """(global index of its first document, shard): num_proc contiguous shards (one with
+    data.max_chars, whose cut needs the documents in order). A stream shards by its files;
+    only whether a shard starts the split matters there (the separator goes before every
+    document but the split's first), so its later shards are given index 1."""
+    if data.streaming:
+        k = 1 if data.max_chars else max(1, min(data.num_proc, ds.n_shards))
+        return [(min(i, 1), ds.shard(num_shards=k, index=i, contiguous=True)) for i in range(k)]
+    k = 1 if data.max_chars else max(1, min(data.num_proc, ds.num_rows))
+    per = -(-ds.num_rows // k)
+    return [
+        (lo, ds.select(range(lo, min(lo + per, ds.num_rows)))) for lo in range(0, ds.num_rows, per)
+    ]
 
 
 def lookup_table(vocab: Vocab) -> np.ndarray:
     """Code point -> id for every code point (missing ones -> <unk>, or an invalid marker)."""
     fill = vocab.unk if vocab.unk is not None else np.iinfo(np.uint32).max
-    lut = np.full(0x110000, fill, dtype=np.uint32)
+    lut = np.full(CODE_POINTS, fill, dtype=np.uint32)
     for i, c in enumerate(vocab.itos):
         if c != UNK:
             lut[ord(c)] = i
     return lut
 
 
-def _tokenize_batch(batch, indices, field, sep, newlines, lut, n_vocab, dtype):
-    """Arrow batch of documents -> one row holding the ids of their joined text."""
-    import pyarrow as pa
-
-    text = join_batch(batch.column(field).to_pylist(), indices[0], sep, newlines)
-    ids = lut[np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)]
-    if (ids >= n_vocab).any():  # the marker of lookup_table: only without <unk>, never counted
-        raise DataError("a character is missing from the vocabulary (no <unk>); this is a bug")
-    ids = ids.astype(dtype)
-    return pa.table(
-        {"ids": pa.ListArray.from_arrays(pa.array([0, len(ids)], pa.int32()), pa.array(ids))}
-    )
-
-
-def tokenize(
-    ds, data: DataConfig, lut: np.ndarray, n_vocab: int, dtype: np.dtype, work: Path, name: str
-):
-    """Dataset.map(batched, num_proc): one row of ids per batch, rows in document order."""
-    return ds.with_format("arrow").map(
-        _tokenize_batch,
-        batched=True,
-        batch_size=BATCH,
-        with_indices=True,
-        remove_columns=ds.column_names,
-        num_proc=data.num_proc if data.num_proc > 1 else None,
-        fn_kwargs=dict(
-            field=data.text_field,
-            sep=data.separator,
-            newlines=data.newlines,
-            lut=lut,
-            n_vocab=n_vocab,
-            dtype=dtype,
-        ),
-        cache_file_name=str(work / f"{name}.arrow"),
-        load_from_cache_file=False,
-        # our own fingerprint: datasets need not hash the lookup table (and keeps it short,
-        # as datasets appends per-worker suffixes to it)
-        new_fingerprint=hashlib.sha256(f"{work}/{name}".encode()).hexdigest()[:32],
-        desc=f"tokenize {name}",
-    )
-
-
 def build(data: DataConfig, splits: dict, folder: Path, inputs: dict) -> dict:
-    """Tokenize every split into `folder` (atomically: a temporary folder renamed into place)."""
+    """Count, then write every split into `folder` (atomically: a temporary folder renamed
+    into place). Both passes run over data.num_proc contiguous shards in parallel; each
+    shard's ids go to their own place of the split's file (offsets from the count)."""
     t0 = time.perf_counter()
-    parts = {k: first_documents(ds, data) for k, ds in splits.items()}
-    counts = {}
-    for name, ds in parts.items():
-        counts[name], doc_chars = count_chars(ds, data)
-        if doc_chars == 0:
+    parts = {k: _shards(first_documents(ds, data), data) for k, ds in splits.items()}
+    counted = {}
+    for name, shards in parts.items():
+        jobs = [{"ds": d, "first": lo, "data": data, "limit": data.max_chars} for lo, d in shards]
+        counted[name] = _run(jobs, data.num_proc)
+        if sum(r["doc_chars"] for r in counted[name]) == 0:
             raise DataError(
                 f"split '{split_names(data)[name]}' of dataset '{data.path}' is "
-                f"empty: its {ds.num_rows} rows have no text in column "
-                f"'{data.text_field}'"
+                f"empty: its {_rows(shards)} rows have no text in column '{data.text_field}'"
             )
+    counts = {name: _counter(sum(r["counts"] for r in rs)) for name, rs in counted.items()}
     extra = set().union(*(c.keys() for k, c in counts.items() if k != "train"))
     vocab = Vocab.build(counts["train"], data.min_freq, data.max_vocab, extra=extra)
     lut, dtype = lookup_table(vocab), vocab.dtype()
@@ -269,14 +305,20 @@ def build(data: DataConfig, splits: dict, folder: Path, inputs: dict) -> dict:
             "dtype": dtype.name,
             "splits": {},
         }
-        for name, ds in parts.items():
-            mapped = tokenize(ds, data, lut, len(vocab), dtype, work, name)
-            chunks = (c.flatten().to_numpy() for c in mapped.data.table.column("ids").chunks)
-            info = write_ids(chunks, work / f"{name}.bin", data.max_chars)
-            del mapped
-            for p in work.glob(f"{name}*.arrow"):  # map's own output, no longer needed
-                p.unlink()
-            meta["splits"][name] = {**info, "documents": ds.num_rows}
+        for name, shards in parts.items():
+            path, sizes = work / f"{name}.bin", [r["chars"] for r in counted[name]]
+            with open(path, "wb") as f:
+                f.truncate(sum(sizes) * dtype.itemsize)
+            offsets = np.cumsum([0, *sizes[:-1]]).tolist()
+            jobs = [
+                {"ds": d, "first": lo, "data": data, "limit": data.max_chars, "lut": lut,
+                 "n_vocab": len(vocab), "dtype": dtype.name, "path": path, "offset": off}
+                for (lo, d), off in zip(shards, offsets)
+            ]  # fmt: skip
+            _run(jobs, data.num_proc)
+            info = {"file": path.name, "length": sum(sizes), "bytes": path.stat().st_size}
+            info["sha256"] = sha256_of(path)
+            meta["splits"][name] = {**info, "documents": _rows(shards)}
         seconds = time.perf_counter() - t0
         chars = sum(s["length"] for s in meta["splits"].values())
         meta["build"] = {
@@ -289,6 +331,16 @@ def build(data: DataConfig, splits: dict, folder: Path, inputs: dict) -> dict:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return meta
+
+
+def _rows(shards) -> int | None:
+    """Documents in the shards (None for a stream, which does not know before reading)."""
+    rows = [getattr(d, "num_rows", None) for _, d in shards]
+    return None if None in rows else sum(rows)
+
+
+def _counter(counts: np.ndarray) -> Counter:
+    return Counter({chr(cp): int(counts[cp]) for cp in np.flatnonzero(counts)})
 
 
 def prepare(data: DataConfig, log=print, full_check: bool = False) -> Path:

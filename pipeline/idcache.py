@@ -1,7 +1,7 @@
 """The prepared-id cache: a folder of flat id files and their meta.json, built under a
-temporary name and renamed into place whole, checked by size (every start) or sha256, and
-opened as read-only memory maps. Nothing here knows where the ids came from (pipeline/hfdata.py
-fills it from Hugging Face datasets).
+temporary name and renamed into place whole, checked by size (every start) or sha256
+(`prepare --verify`), and opened as read-only memory maps. Nothing here knows where the ids
+came from (pipeline/hfdata.py fills it from Hugging Face datasets).
 
     <folder>/meta.json    format, vocab, dtype, per split: file, length, bytes, sha256
     <folder>/train.bin    (validation.bin, test.bin): the ids, uint16 or uint32
@@ -9,11 +9,9 @@ fills it from Hugging Face datasets).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -22,23 +20,6 @@ from .data import Corpus, sha256_of
 from .vocab import Vocab
 
 FORMAT = 1  # bump when the layout or the tokenization rule changes: old folders are ignored
-
-
-def write_ids(chunks: Iterable[np.ndarray], path: Path, limit: int) -> dict:
-    """Arrays of ids, concatenated, as a flat binary file (at most `limit` ids if > 0); the
-    split's record for meta.json (file, length, bytes, sha256)."""
-    h, n = hashlib.sha256(), 0
-    with open(path, "wb") as f:
-        for ids in chunks:
-            if limit:
-                ids = ids[: max(0, limit - n)]
-            buf = memoryview(np.ascontiguousarray(ids))
-            f.write(buf)
-            h.update(buf)
-            n += len(ids)
-        f.flush()
-        os.fsync(f.fileno())
-    return {"file": path.name, "length": n, "bytes": path.stat().st_size, "sha256": h.hexdigest()}
 
 
 def replace_dir(src: Path, dest: Path) -> None:
