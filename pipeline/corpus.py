@@ -137,11 +137,20 @@ def split_text(text: str, valid_fraction: float) -> dict[str, str]:
     return {"train": text[:cut], "validation": text[cut:]}
 
 
-def load_text_corpus(data: DataConfig) -> Corpus:
+def load_text_corpus(data: DataConfig, dist_ctx=None, full_check: bool = False) -> Corpus:
+    """A text file or the built-in corpus, read whole; a plain file of STREAM_BYTES or more
+    is read in chunks into the prepared-id cache instead (pipeline.textcache; collective)."""
     if data.source == "text":
         path, member = Path(data.path), None
     else:
         path, member = locate_builtin(data), BUILTIN[data.corpus].member
+    if path.is_file() and not zipfile.is_zipfile(path):
+        from . import dist, textcache
+        from .idcache import shared
+
+        if path.stat().st_size >= textcache.STREAM_BYTES:
+            prepare = lambda: textcache.prepare(path, data, print, full_check)  # noqa: E731
+            return shared(prepare, dist_ctx or dist.DistContext())
     parts = split_text(preprocess(read_text(path, member), data), data.valid_fraction)
     if not parts["train"]:
         raise DataError(f"data file '{path}' gives an empty training text")
@@ -163,4 +172,4 @@ def load_corpus(data: DataConfig, dist_ctx=None, full_check: bool = False) -> Co
         from .hfdata import load_hf_corpus  # lazily: it imports `datasets`
 
         return load_hf_corpus(data, dist_ctx, full_check)
-    return load_text_corpus(data)
+    return load_text_corpus(data, dist_ctx, full_check)

@@ -26,7 +26,6 @@ import json
 import shutil
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +33,8 @@ import numpy as np
 from . import dist
 from .config import DataConfig
 from .data import Corpus, DataError, cache_dir, sha256_of
-from .idcache import FORMAT, open_prepared, replace_dir, verify
-from .vocab import UNK, Vocab
+from .idcache import FORMAT, replace_dir, shared, verify
+from .vocab import CODE_POINTS, Vocab, as_counter, code_point_counts
 
 BATCH = 1000  # documents per batch: bounds memory while preparing
 
@@ -202,9 +201,6 @@ def first_documents(ds, data: DataConfig):
     return ds
 
 
-CODE_POINTS = 0x110000
-
-
 def _shard_pass(job: dict) -> dict:
     """One contiguous shard of a split, in one process. Without `lut`: the code-point counts
     of its joined text (the first `limit` characters when > 0) and how many of the documents'
@@ -222,17 +218,17 @@ def _shard_pass(job: dict) -> dict:
         for lo, texts in text_batches(ds, data.text_field):
             doc_chars += sum(len(t or "") for t in texts)
             text = join_batch(texts, first + lo, data.separator, data.newlines)
-            cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-            cps = cps[: int(min(left, len(cps)))]
+            text = text[: int(min(left, len(text)))]
             if lut is None:
-                counts += np.bincount(cps, minlength=CODE_POINTS)
+                counts += code_point_counts(text)
             else:
+                cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
                 ids = lut[cps]
                 if (ids >= job["n_vocab"]).any():  # lookup_table's marker: never counted
                     raise DataError("a character is missing from the vocabulary (no <unk>)")
                 f.write(memoryview(np.ascontiguousarray(ids.astype(job["dtype"]))))
-            n += len(cps)
-            left -= len(cps)
+            n += len(text)
+            left -= len(text)
             if left <= 0:
                 break
     finally:
@@ -266,16 +262,6 @@ def _shards(ds, data: DataConfig) -> list[tuple[int, object]]:
     ]
 
 
-def lookup_table(vocab: Vocab) -> np.ndarray:
-    """Code point -> id for every code point (missing ones -> <unk>, or an invalid marker)."""
-    fill = vocab.unk if vocab.unk is not None else np.iinfo(np.uint32).max
-    lut = np.full(CODE_POINTS, fill, dtype=np.uint32)
-    for i, c in enumerate(vocab.itos):
-        if c != UNK:
-            lut[ord(c)] = i
-    return lut
-
-
 def build(data: DataConfig, splits: dict, folder: Path, inputs: dict) -> dict:
     """Count, then write every split into `folder` (atomically: a temporary folder renamed
     into place). Both passes run over data.num_proc contiguous shards in parallel; each
@@ -291,10 +277,10 @@ def build(data: DataConfig, splits: dict, folder: Path, inputs: dict) -> dict:
                 f"split '{split_names(data)[name]}' of dataset '{data.path}' is "
                 f"empty: its {_rows(shards)} rows have no text in column '{data.text_field}'"
             )
-    counts = {name: _counter(sum(r["counts"] for r in rs)) for name, rs in counted.items()}
+    counts = {name: as_counter(sum(r["counts"] for r in rs)) for name, rs in counted.items()}
     extra = set().union(*(c.keys() for k, c in counts.items() if k != "train"))
     vocab = Vocab.build(counts["train"], data.min_freq, data.max_vocab, extra=extra)
-    lut, dtype = lookup_table(vocab), vocab.dtype()
+    lut, dtype = vocab.lookup_table(), vocab.dtype()
     folder.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
     try:
@@ -339,10 +325,6 @@ def _rows(shards) -> int | None:
     return None if None in rows else sum(rows)
 
 
-def _counter(counts: np.ndarray) -> Counter:
-    return Counter({chr(cp): int(counts[cp]) for cp in np.flatnonzero(counts)})
-
-
 def prepare(data: DataConfig, log=print, full_check: bool = False) -> Path:
     """The cached folder for this config, (re)built when missing or damaged. A job start
     checks the meta record and the files' sizes (instant, whatever the corpus); the sha256
@@ -363,24 +345,5 @@ def prepare(data: DataConfig, log=print, full_check: bool = False) -> Path:
 
 
 def load_hf_corpus(data: DataConfig, dist_ctx=None, full_check: bool = False) -> Corpus:
-    """Collective: every rank calls it. Local rank 0 prepares; the others wait for its folder
-    (errors travel with it, so every rank raises the same DataError instead of hanging)."""
-    ctx = dist_ctx or dist.DistContext()
-    result: tuple[str | None, str | None] = (None, None)
-    if ctx.local_rank == 0:  # one line per node that prepares: "reusing" or "built"
-        try:
-            result = (str(prepare(data, print, full_check)), None)
-        except DataError as err:
-            result = (None, str(err))
-    # One all-gather doubles as the barrier; torchrun numbers a node's ranks contiguously,
-    # so this node's local rank 0 is rank - local_rank.
-    folder, error = dist.all_gather_object(result)[ctx.rank - ctx.local_rank]
-    if error is not None:
-        raise DataError(error)
-    meta = verify(Path(folder), full=False)
-    if meta is None:
-        raise DataError(f"prepared data folder '{folder}' is missing or damaged")
-    corpus = open_prepared(Path(folder), meta)
-    vocab_hash = int(hashlib.sha256("\0".join(meta["vocab"]).encode()).hexdigest()[:15], 16)
-    dist.check_same(vocab_hash, "the prepared vocabulary (hash)")  # nodes prepared alike
-    return corpus
+    """Collective: local rank 0 prepares, the other ranks wait for it (pipeline.idcache)."""
+    return shared(lambda: prepare(data, print, full_check), dist_ctx or dist.DistContext())

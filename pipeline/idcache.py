@@ -9,14 +9,16 @@ came from (pipeline/hfdata.py fills it from Hugging Face datasets).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from .data import Corpus, sha256_of
+from .data import Corpus, DataError, sha256_of
 from .vocab import Vocab
 
 FORMAT = 1  # bump when the layout or the tokenization rule changes: old folders are ignored
@@ -65,3 +67,30 @@ def open_prepared(folder: Path, meta: dict) -> Corpus:
         for name, info in meta["splits"].items()
     }
     return Corpus(Vocab(meta["vocab"]), splits)
+
+
+def shared(prepare: Callable[[], Path], ctx) -> Corpus:
+    """Collective: every rank calls it. Local rank 0 runs `prepare` (the folder, built or
+    checked) while the others wait for it; errors travel with it, so every rank raises the
+    same DataError instead of hanging. Then every rank opens the folder, and the ranks check
+    that their nodes prepared one vocabulary."""
+    from . import dist
+
+    result: tuple[str | None, str | None] = (None, None)
+    if ctx.local_rank == 0:  # one line per node that prepares: "reusing" or "built"
+        try:
+            result = (str(prepare()), None)
+        except DataError as err:
+            result = (None, str(err))
+    # One all-gather doubles as the barrier; torchrun numbers a node's ranks contiguously,
+    # so this node's local rank 0 is rank - local_rank.
+    folder, error = dist.all_gather_object(result)[ctx.rank - ctx.local_rank]
+    if error is not None:
+        raise DataError(error)
+    meta = verify(Path(folder), full=False)
+    if meta is None:
+        raise DataError(f"prepared data folder '{folder}' is missing or damaged")
+    corpus = open_prepared(Path(folder), meta)
+    vocab_hash = int(hashlib.sha256("\0".join(meta["vocab"]).encode()).hexdigest()[:15], 16)
+    dist.check_same(vocab_hash, "the prepared vocabulary (hash)")  # nodes prepared alike
+    return corpus

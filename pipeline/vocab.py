@@ -13,6 +13,19 @@ from collections.abc import Iterable
 import numpy as np
 
 UNK = "<unk>"
+CODE_POINTS = 0x110000  # every Unicode code point: the size of a count or a lookup table
+
+
+def code_point_counts(text: str) -> np.ndarray:
+    """How often each code point occurs in `text` (an array of CODE_POINTS counts): counts of
+    pieces of a large text add up, in a fixed ~9 MB."""
+    cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    return np.bincount(cps, minlength=CODE_POINTS)
+
+
+def as_counter(counts: np.ndarray) -> Counter:
+    """The characters of a code-point count array, as Vocab.build takes them."""
+    return Counter({chr(cp): int(counts[cp]) for cp in np.flatnonzero(counts)})
 
 
 class VocabError(ValueError):
@@ -44,6 +57,16 @@ class Vocab:
     @classmethod
     def from_text(cls, text: str, **kw) -> Vocab:
         return cls.build(Counter(text), **kw)
+
+    def lookup_table(self) -> np.ndarray:
+        """Code point -> id for every code point: <unk> for characters left out, or (no
+        <unk>) an id >= len(self) that marks a character the vocabulary cannot take."""
+        fill = self.unk if self.unk is not None else np.iinfo(np.uint32).max
+        lut = np.full(CODE_POINTS, fill, dtype=np.uint32)
+        for i, c in enumerate(self.itos):
+            if c != UNK:
+                lut[ord(c)] = i
+        return lut
 
     def __len__(self) -> int:
         return len(self.itos)
