@@ -237,14 +237,26 @@ def _shard_pass(job: dict) -> dict:
     return {"counts": counts, "doc_chars": doc_chars, "chars": n}
 
 
-def _run(jobs: list[dict], num_proc: int) -> list[dict]:
-    """The jobs in `num_proc` worker processes (forked, as datasets' own map), or here."""
-    if num_proc <= 1 or len(jobs) <= 1:
-        return [_shard_pass(job) for job in jobs]
-    import multiprocessing
+class _Workers:
+    """data.num_proc forked worker processes (as datasets' own map forks), started once for
+    both passes over every split; with one, the jobs run here."""
 
-    with multiprocessing.get_context("fork").Pool(min(num_proc, len(jobs))) as pool:
-        return pool.map(_shard_pass, jobs, chunksize=1)
+    def __init__(self, num_proc: int):
+        self.pool = None
+        if num_proc > 1:
+            import multiprocessing
+
+            self.pool = multiprocessing.get_context("fork").Pool(num_proc)
+
+    def run(self, jobs: list[dict]) -> list[dict]:
+        if self.pool is None or len(jobs) <= 1:
+            return [_shard_pass(job) for job in jobs]
+        return self.pool.map(_shard_pass, jobs, chunksize=1)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool.join()
 
 
 def _shards(ds, data: DataConfig) -> list[tuple[int, object]]:
@@ -268,10 +280,18 @@ def build(data: DataConfig, splits: dict, folder: Path, inputs: dict) -> dict:
     shard's ids go to their own place of the split's file (offsets from the count)."""
     t0 = time.perf_counter()
     parts = {k: _shards(first_documents(ds, data), data) for k, ds in splits.items()}
+    workers = _Workers(data.num_proc)
+    try:
+        return _build(data, parts, folder, inputs, workers, t0)
+    finally:
+        workers.close()
+
+
+def _build(data, parts, folder, inputs, workers, t0) -> dict:
     counted = {}
     for name, shards in parts.items():
         jobs = [{"ds": d, "first": lo, "data": data, "limit": data.max_chars} for lo, d in shards]
-        counted[name] = _run(jobs, data.num_proc)
+        counted[name] = workers.run(jobs)
         if sum(r["doc_chars"] for r in counted[name]) == 0:
             raise DataError(
                 f"split '{split_names(data)[name]}' of dataset '{data.path}' is "
@@ -301,7 +321,7 @@ def build(data: DataConfig, splits: dict, folder: Path, inputs: dict) -> dict:
                  "n_vocab": len(vocab), "dtype": dtype.name, "path": path, "offset": off}
                 for (lo, d), off in zip(shards, offsets)
             ]  # fmt: skip
-            _run(jobs, data.num_proc)
+            workers.run(jobs)
             info = {"file": path.name, "length": sum(sizes), "bytes": path.stat().st_size}
             info["sha256"] = sha256_of(path)
             meta["splits"][name] = {**info, "documents": _rows(shards)}
