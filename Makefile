@@ -9,7 +9,7 @@ PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.installed
 export PIPELINE_DATA_DIR ?= $(abspath ../shared/data)
 
-.PHONY: install train test test-fast bench bench-quality lint format clean
+.PHONY: install train test test-fast bench bench-quality bench-corpora lint format clean
 
 install: $(STAMP)
 
@@ -35,6 +35,9 @@ bench: install
 
 bench-quality: install
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m bench.quality $(ARGS)
+
+bench-corpora: install
+	$(PY) -m bench.corpora $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check pipeline tests bench

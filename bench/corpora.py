@@ -161,16 +161,24 @@ def measure(size: float, work: Path) -> dict:
         mem, log, _ = run([*args, f"data.cache_dir={cache}", f"data.num_proc={nproc}"], env)
         rate = int(log.split("characters/s")[0].rsplit("(", 1)[1].replace(",", ""))
         out[f"prepare_{nproc}"] = {"chars_per_s": rate, **mem}
+    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--standalone"]
     for sampling in ("random", "consecutive"):
-        args = [*py, "train", "--config", "configs/songci.yaml", *data]
-        args += [f"data.cache_dir={work}/cache-{chars}-1", f"train.sampling={sampling}"]
-        args += ["train.max_steps=20", "train.log_every=10", "eval.max_chars=20000"]
-        args += ["model.hidden_size=128", "model.num_layers=1", "model.embedding_size=0"]
-        args += ["train.batch_size=32", "train.amp=off", "train.device=cpu", "train.threads=2"]
-        args += [f"run.dir={work}/run-{chars}-{sampling}", "train.resume=never"]
-        args += ["run.overwrite=true", "logging.progress=lines", "generate.prefixes=[]"]
-        mem, log, wall = run(args, env)
-        out[f"train_{sampling}"] = {**mem, "wall_s": round(wall, 1)}
+        for nproc in (1, 2):
+            launch = py if nproc == 1 else [*torchrun, "--nproc_per_node=2", "-m", "pipeline"]
+            args = [*launch, "train", "--config", "configs/songci.yaml", *data]
+            args += [f"data.cache_dir={work}/cache-{chars}-1", f"train.sampling={sampling}"]
+            args += ["train.max_steps=20", "train.log_every=10", "eval.max_chars=20000"]
+            args += ["model.hidden_size=128", "model.num_layers=1", "model.embedding_size=0"]
+            args += ["train.batch_size=32", "train.amp=off", "train.device=cpu"]
+            args += [f"run.dir={work}/run-{chars}-{sampling}", "train.resume=never"]
+            args += ["run.overwrite=true", "logging.progress=lines", "generate.prefixes=[]"]
+            mem, log, wall = run(args, env)
+            if nproc == 2:  # the agent holds no data: the ranks' peaks are what counts
+                mem = {"anon_mb": mem["worker_anon_mb"], "file_mb": None, "wall_s": wall}
+            out[f"train_{sampling}" + ("_2" if nproc == 2 else "")] = {
+                **mem,
+                "wall_s": round(wall, 1),
+            }
     # start-up: process start to the first step's line (a job on the prepared corpus)
     args = [
         *py,
@@ -199,17 +207,21 @@ def measure(size: float, work: Path) -> dict:
 def table(results: list[dict]) -> str:
     rows = [
         "| characters | raw read (chars/s) | prepare, 1 process: chars/s, RssAnon / RssFile MB "
-        "| prepare, 2 processes: chars/s, RssAnon (worker) MB | train random: RssAnon / RssFile MB "
-        "| train consecutive: RssAnon / RssFile MB | start-up s |",
+        "| prepare, 2 processes: chars/s, RssAnon (worker) MB | train random, 1 process: "
+        "RssAnon / RssFile MB (2 ranks: RssAnon a rank) | train consecutive, likewise "
+        "| start-up s |",
         "|---:|---:|---|---|---|---|---:|",
     ]
     for r in results:
-        p1, p2, tr, tc = r["prepare_1"], r["prepare_2"], r["train_random"], r["train_consecutive"]
+        p1, p2 = r["prepare_1"], r["prepare_2"]
+        train = [
+            f"{r[k]['anon_mb']} / {r[k]['file_mb']} ({r[k + '_2']['anon_mb']})"
+            for k in ("train_random", "train_consecutive")
+        ]
         rows.append(
             f"| {r['chars']:.0e} | {r['raw_chars_per_s']:,} | {p1['chars_per_s']:,}: "
             f"{p1['anon_mb']} / {p1['file_mb']} | {p2['chars_per_s']:,}: {p2['anon_mb']} "
-            f"({p2['worker_anon_mb']}) | {tr['anon_mb']} / {tr['file_mb']} | "
-            f"{tc['anon_mb']} / {tc['file_mb']} | {r.get('startup_s', '?')} |"
+            f"({p2['worker_anon_mb']}) | {train[0]} | {train[1]} | {r.get('startup_s', '?')} |"
         )
     return "\n".join(rows)
 

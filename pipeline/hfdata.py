@@ -130,25 +130,28 @@ def _checked_stream(ds, name: str, data: DataConfig):
 
 
 def source_fingerprint(data: DataConfig, ds) -> str:
-    """A Dataset's own fingerprint; for a stream, the source files' names, sizes and times
-    (a local folder) or the Hub id and config (a Hub dataset is read as it is now)."""
-    found = getattr(ds, "_fingerprint", None)
-    if found:
-        return found
+    """What identifies the source: for a local folder its files' names, sizes and times (read
+    without loading the dataset, so a job start on a prepared corpus costs the same for any
+    size); for a Hub dataset its fingerprint in the datasets cache (a stream: the id)."""
     local = Path(data.path).expanduser()
-    files = sorted(p for p in local.rglob("*") if p.is_file()) if local.is_dir() else []
-    stats = [(str(p.relative_to(local)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    return hashlib.sha256(json.dumps([data.path, data.name, stats]).encode()).hexdigest()
+    if local.is_dir():
+        files = sorted(p for p in local.rglob("*") if p.is_file())
+        files = [p for p in files if not any(x.startswith(".") for x in p.relative_to(local).parts)]
+        stats = [(str(p.relative_to(local)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+        return hashlib.sha256(json.dumps([data.path, data.name, stats]).encode()).hexdigest()
+    return getattr(ds, "_fingerprint", None) or f"{data.path}/{data.name}"
 
 
-def cache_key(data: DataConfig, splits: dict) -> tuple[str, dict]:
+def cache_key(data: DataConfig, splits: dict | None) -> tuple[str, dict]:
     """Everything that changes the prepared ids, hashed. The fingerprints change with the
-    dataset's files (and where it is cached), the rest with the config."""
+    dataset's files, the rest with the config (`splits`: None for a local folder)."""
     inputs = {
         "format": FORMAT,
         "path": data.path,
         "name": data.name,
-        "fingerprints": {k: source_fingerprint(data, ds) for k, ds in splits.items()},
+        "fingerprints": {
+            k: source_fingerprint(data, splits[k] if splits else None) for k in split_names(data)
+        },
         "splits": split_names(data),
         "text_field": data.text_field,
         "separator": data.separator,
@@ -350,12 +353,13 @@ def prepare(data: DataConfig, log=print, full_check: bool = False) -> Path:
     checks the meta record and the files' sizes (instant, whatever the corpus); the sha256
     of every file is computed while building, and checked again with `full_check`
     (`python -m pipeline prepare --verify`)."""
-    splits = open_dataset(data)
+    splits = None if Path(data.path).expanduser().is_dir() else open_dataset(data)
     key, inputs = cache_key(data, splits)
     folder = prepared_dir(data, key)
     if verify(folder, full=full_check) is not None:
         log(f"prepared data: reusing {folder}" + (" (sha256 verified)" if full_check else ""))
         return folder
+    splits = splits or open_dataset(data)
     if folder.exists():
         log(f"prepared data: {folder} is damaged; rebuilding it")
     meta = build(data, splits, folder, inputs)

@@ -123,14 +123,17 @@ def test_second_prepare_reuses_cache_without_tokenizing(prepared, tmp_path, monk
 
 
 def test_a_job_start_reads_no_prepared_file(prepared, monkeypatch, capsys):
-    """Start-up checks the meta record and the sizes: no file is hashed or read whole, so it
-    takes the same time for any corpus size; `prepare --verify` hashes every file."""
+    """Start-up checks the meta record and the sizes: no file is hashed or read whole and
+    the dataset is not loaded (a local folder's key comes from its files' names, sizes and
+    times), so it takes the same time for any corpus size; `prepare --verify` hashes every
+    file."""
     data, folder, _ = prepared
 
     def forbidden(*a, **k):
         raise AssertionError("a prepared file was hashed at a job start")
 
     monkeypatch.setattr(idcache, "sha256_of", forbidden)
+    monkeypatch.setattr(hfdata, "open_dataset", forbidden)  # nor the dataset loaded
     corpus = hfdata.load_hf_corpus(data)
     assert f"reusing {folder}" in capsys.readouterr().out and len(corpus.splits["train"]) > 0
     with pytest.raises(AssertionError, match="hashed"):
