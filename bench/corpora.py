@@ -174,7 +174,7 @@ def measure(size: float, work: Path) -> dict:
             args += ["run.overwrite=true", "logging.progress=lines", "generate.prefixes=[]"]
             mem, log, wall = run(args, env)
             if nproc == 2:  # the agent holds no data: the ranks' peaks are what counts
-                mem = {"anon_mb": mem["worker_anon_mb"], "file_mb": None, "wall_s": wall}
+                mem = {"anon_mb": mem["worker_anon_mb"], "file_mb": None}
             out[f"train_{sampling}" + ("_2" if nproc == 2 else "")] = {
                 **mem,
                 "wall_s": round(wall, 1),

@@ -150,13 +150,14 @@ def cmd_compare(args) -> int:
     return compare(args.runs, args.plot)
 
 
-def positive(kind):
-    """An argparse type: a number of `kind` that must be > 0 (else exit status 2, naming it)."""
+def positive(kind, zero_ok: bool = False):
+    """An argparse type: a number of `kind` that must be > 0 (>= 0 with `zero_ok`), else exit
+    status 2, naming it."""
 
     def parse(text: str):
         value = kind(text)
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        if not (value >= 0 if zero_ok else value > 0):
+            raise argparse.ArgumentTypeError(f"must be {'>=' if zero_ok else '>'} 0, got {text}")
         return value
 
     parse.__name__ = kind.__name__  # argparse names the type in its messages
@@ -210,7 +211,9 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="default: the config's eval.batch_size",
     )
-    e.add_argument("--max-chars", type=int, default=0, help="the first N characters (0: all)")
+    e.add_argument(
+        "--max-chars", type=positive(int, True), default=0, help="the first N characters (0: all)"
+    )
     e.add_argument("--amp", default="off", choices=["off", "bf16", "fp16", "auto"])
     e.add_argument("--device", default="auto")
     e.set_defaults(fn=cmd_eval)

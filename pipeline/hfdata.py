@@ -190,20 +190,6 @@ def text_batches(ds, field: str):
         lo += len(batch[field])
 
 
-def first_documents(ds, data: DataConfig):
-    """With data.max_chars, only the documents that reach the first max_chars characters (a
-    stream is cut while it is read)."""
-    if not data.max_chars or data.streaming:
-        return ds
-    total, sep = 0, len(data.separator)
-    for lo, texts in text_batches(ds, data.text_field):
-        for j, t in enumerate(texts):
-            total += len(t or "") + (sep if lo + j else 0)
-            if total >= data.max_chars:
-                return ds.select(range(lo + j + 1))
-    return ds
-
-
 def _shard_pass(job: dict) -> dict:
     """One contiguous shard of a split, in one process. Without `lut`: the code-point counts
     of its joined text (the first `limit` characters when > 0) and how many of the documents'
@@ -282,7 +268,7 @@ def build(data: DataConfig, splits: dict, folder: Path, inputs: dict) -> dict:
     into place). Both passes run over data.num_proc contiguous shards in parallel; each
     shard's ids go to their own place of the split's file (offsets from the count)."""
     t0 = time.perf_counter()
-    parts = {k: _shards(first_documents(ds, data), data) for k, ds in splits.items()}
+    parts = {k: _shards(ds, data) for k, ds in splits.items()}
     workers = _Workers(data.num_proc)
     try:
         return _build(data, parts, folder, inputs, workers, t0)

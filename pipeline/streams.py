@@ -182,10 +182,10 @@ class EvalStreams:
             yield _to_device(x, self.device), _to_device(y, self.device)
 
 
-def eval_streams(ids, ecfg, train_num_steps: int, ctx, batch_size: int = 0, max_chars: int = -1):
+def eval_streams(ids, ecfg, train_num_steps: int, ctx, batch_size: int = 0, max_chars=None):
     """The EvalStreams of a split for this rank: eval.batch_size rows (or `batch_size`) of the
     first eval.max_chars characters (or `max_chars`; 0 = all), eval.num_steps a chunk."""
-    limit = ecfg.max_chars if max_chars < 0 else max_chars
+    limit = ecfg.max_chars if max_chars is None else max_chars
     if limit:
         ids = ids[:limit]
     steps = ecfg.num_steps or train_num_steps

@@ -88,7 +88,7 @@ def test_eval_from_the_folder_equals_the_checkpoint(exported, capsys):
     _, b, _ = cli(capsys, "eval", "--checkpoint", str(folder), "--device", "cpu")
     a, b = json.loads(a), json.loads(b)
     assert a.pop("checkpoint") != b.pop("checkpoint")
-    assert a == b and a["loss"] == pytest.approx(a["loss"]) and a["tokens"] > 0
+    assert a == b and a["tokens"] > 0
 
 
 class Boom:  # unpickling this would create a file: proof that code ran

@@ -110,6 +110,9 @@ def test_eval_max_chars_bounds_training_and_the_eval_command(tmp_path, capsys):
     assert bounded["tokens"] == 300 and bounded["loss"] == pytest.approx(val["val/loss"], rel=1e-6)
     assert main(["eval", "--checkpoint", ckpt, "--device", "cpu"]) == 0
     whole = json.loads(capsys.readouterr().out)
+    with pytest.raises(SystemExit) as bad:  # argparse: exit 2, naming the flag
+        main(["eval", "--checkpoint", ckpt, "--max-chars", "-1"])
+    assert bad.value.code == 2 and "--max-chars" in capsys.readouterr().err
     assert whole["tokens"] == 800 - 1 and not math.isclose(whole["loss"], bounded["loss"])
 
 

@@ -92,3 +92,18 @@ def test_two_ranks_train_on_a_streamed_file_as_on_the_file_read_whole(lyrics, tm
     assert proc.stdout.count("prepared text:") == 1  # one node, one preparation
     a, b = load_ckpt(tmp_path / "whole")["model"], load_ckpt(tmp_path / "streamed")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_streamed_file_that_is_not_utf8_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    from pipeline.__main__ import main
+
+    path = tmp_path / "bad.txt"
+    path.write_bytes("分开".encode() * 1000 + b"\xff" + "不分开".encode() * 1000)
+    monkeypatch.setattr(textcache, "STREAM_BYTES", 1)
+    monkeypatch.setattr(textcache, "CHUNK", 500)
+    run_dir = tmp_path / "run"
+    code = main(["train", *TINY, "data.source=text", f"data.path={path}", f"run.dir={run_dir}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and str(path) in err and "not UTF-8" in err
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.bin"))
+    assert not (run_dir / "checkpoints").exists()
