@@ -98,13 +98,15 @@ def test_a_killed_run_already_holds_its_best_value(tmp_path):
     )
     proc = run_cli(["train", *RUN, f"run.dir={run_dir}"], env=env, popen=True)
     try:
-
-        def logged_best():
-            files = sorted(Path(wandb_dir).rglob("run-*.wandb"))
-            return files and "best/val_bpc" in summary(read_records(files[0]))
-
         wait_until(lambda: proc_state(proc.pid) == "T", 120, "the stop", proc)
-        wait_until(logged_best, 60, "best/val_bpc in the log")
+        on_disk = load_ckpt(run_dir, "best.pt")["best_val_loss"]  # written before the stop
+
+        def logged_best():  # the summary of the best.pt on disk (earlier ones come first)
+            files = sorted(Path(wandb_dir).rglob("run-*.wandb"))
+            got = summary(read_records(files[0])) if files else {}
+            return "best/val_bpc" in got and got.get("best/val_loss") == on_disk
+
+        wait_until(logged_best, 60, "best.pt's best/val_bpc in the log")
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
