@@ -4,7 +4,8 @@ Under bf16/fp16 autocast the output layer gives (N, V) half-precision logits. Ca
 fp32 for `F.cross_entropy` costs a full fp32 copy, an fp32 log-softmax and an fp32 gradient
 that is cast back: at V = 6.6k this was 40% of a CPU training step. Here the log-sum-exp is
 accumulated in fp32 over row chunks (so the loss is as exact as the fp32 path), and the
-backward writes softmax - onehot straight into a half-precision gradient. fp32 logits take
+backward forms (softmax - onehot) * grad in fp32 one chunk at a time and writes it into a
+half-precision gradient. fp32 logits take
 `F.cross_entropy` itself.
 """
 
@@ -43,8 +44,12 @@ class _HalfCrossEntropy(torch.autograd.Function):
         for lo in range(0, len(logits_NV), CHUNK):
             hi = lo + CHUNK
             p = logits_NV[lo:hi].float().sub_(lse_N[lo:hi, None]).exp_().mul_(g_N[lo:hi, None])
-            grad_NV[lo:hi] = p  # softmax * grad, cast to the logits' dtype
-        grad_NV.scatter_add_(1, safe_N[:, None], (-g_N)[:, None].to(grad_NV.dtype))
+            # The target's term (p - 1) g in fp32 BEFORE the cast: for a well-predicted
+            # character p is close to 1, and p g - g taken in bf16 is the difference of two
+            # nearly equal rounded numbers (35% median error at p = 0.997; nothing left at
+            # p = 0.99995). In fp32 the only rounding is the final cast.
+            p.scatter_add_(1, safe_N[lo:hi, None], -g_N[lo:hi, None])
+            grad_NV[lo:hi] = p  # (softmax - onehot) * grad, cast to the logits' dtype
         return grad_NV, None, None
 
 
