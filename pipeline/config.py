@@ -97,6 +97,7 @@ class TrainConfig:
     optimizer: str = "sgd"  # sgd | adam | adamw
     lr: float = 100.0  # peak learning rate (the chapter: SGD at 100)
     weight_decay: float = 0.0  # decoupled for adamw, L2 for sgd and adam
+    weight_decay_params: str = "all"  # all | matrices (biases and other 1-D parameters exempt)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam/adamw moment decays
     schedule: str = "constant"  # constant | cosine | linear (warmup, then decay to min_lr)
     warmup_steps: int = 0  # linear LR warm-up from 0 over these steps
@@ -172,6 +173,7 @@ CHOICES = {
     "model.dropout_kind": ("standard", "locked"),
     "train.sampling": ("consecutive", "random"),
     "train.optimizer": ("sgd", "adam", "adamw"),
+    "train.weight_decay_params": ("all", "matrices"),
     "train.schedule": ("constant", "cosine", "linear"),
     "train.amp": ("off", "bf16", "fp16", "auto"),
     "train.device": ("auto", "cpu", "cuda"),

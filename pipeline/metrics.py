@@ -26,8 +26,10 @@ class TrainAccumulator:
     trains batch_size / world_size streams of num_steps)."""
 
     def __init__(self, device: torch.device):
-        # loss*tokens, grad-norm sum (finite steps), clipped steps, skipped (non-finite) steps
-        self.sums = torch.zeros(4, dtype=torch.float64, device=device)
+        # loss*tokens and tokens of the steps taken (a skipped, non-finite step's loss would
+        # poison the interval's mean), grad-norm sum (finite steps), clipped steps, skipped
+        # (non-finite) steps
+        self.sums = torch.zeros(5, dtype=torch.float64, device=device)
         self.tokens = 0
         self.steps = 0
         self.t0 = time.perf_counter()
@@ -37,7 +39,8 @@ class TrainAccumulator:
         clipped = (norm > clip) if clip > 0 else torch.zeros_like(finite)
         self.sums += torch.stack(
             [
-                loss.double() * tokens,
+                torch.where(finite, loss.double() * tokens, 0),
+                finite.double() * tokens,
                 torch.where(finite, norm, 0).double(),
                 clipped.double(),
                 (~finite).double(),
@@ -50,11 +53,11 @@ class TrainAccumulator:
         """Collective: every rank calls it at the same step. The norm and the skip are the
         same on every rank (clipping sees the all-reduced gradients), so their sums are
         divided by the world size."""
-        loss_tok, norm, clipped, skipped = dist.all_reduce_sum(self.sums).tolist()
+        loss_tok, kept, norm, clipped, skipped = dist.all_reduce_sum(self.sums).tolist()
         tokens, steps = self.tokens * world_size, self.steps
         norm, clipped, skipped = norm / world_size, clipped / world_size, skipped / world_size
         elapsed = time.perf_counter() - self.t0
-        loss = loss_tok / max(tokens, 1)
+        loss = loss_tok / kept if kept else math.nan  # over the steps taken
         out = {
             "train/loss": loss,
             "train/perplexity": perplexity(loss),

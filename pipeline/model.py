@@ -186,7 +186,9 @@ class TorchRNN(nn.Module):
             h_TBD, hn = self._cell(cell, i, h_TBD, h0 if self.kind == "lstm" else h0[0], noise)
             last.append(hn if self.kind == "lstm" else (hn,))
             h_TBD = self._drop(h_TBD, i + 1, noise)
-        state = tuple(torch.cat(parts) for parts in zip(*last))
+        # Carried and saved in fp32 whatever the compute dtype (under bf16 autocast nn.LSTM
+        # returns bf16 states): cast at use, so a run resumes in any precision.
+        state = tuple(torch.cat(parts).float() for parts in zip(*last))
         if not adaptive:
             logits_TBV = self.dense(h_TBD)
             return (logits_TBV if targets is None else nll(logits_TBV, targets)), state

@@ -8,17 +8,31 @@ from types import SimpleNamespace
 import torch
 
 
+def param_groups(model: torch.nn.Module, weight_decay: float, scope: str) -> list[dict]:
+    """The optimizer's groups, in the order its state numbers the parameters: one group of
+    every parameter (train.weight_decay_params=all, or no decay), else the matrices (2+
+    dimensions, embeddings included) decayed and the 1-D ones (biases) not, as most recipes
+    do."""
+    params = list(model.parameters())  # shared (tied) parameters once
+    if scope == "all" or not weight_decay:
+        return [{"params": params, "weight_decay": weight_decay}]
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+
+
 def build_optimizer(cfg, model: torch.nn.Module, fused: bool = True) -> torch.optim.Optimizer:
     """The fused kernels (CPU and CUDA) take a skip flag on the device (`found_inf`, set by
     pipeline.nonfinite's guard, or by GradScaler in fp16) and skip the whole update inside
     the kernel, step counts included, instead of reading the flag with .item() every step.
     `fused=False` is the unguarded foreach path, kept for benchmarks against it."""
-    params = list(model.parameters())
+    groups = param_groups(model, cfg.weight_decay, getattr(cfg, "weight_decay_params", "all"))
     kw = {"fused": True} if fused else {}
     if cfg.optimizer == "sgd":  # the chapter's d2l.sgd: p -= lr * grad
-        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **kw)
+        return torch.optim.SGD(groups, lr=cfg.lr, **kw)
     cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
-    return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, **kw)
+    return cls(groups, lr=cfg.lr, betas=tuple(cfg.betas), **kw)
 
 
 def lr_at(cfg, step: int, plans) -> float:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from . import checkpoint as ckpt
 from . import dist
+from . import optim as optim_mod
 from .config import Config, ConfigError
 from .state import TrainState
 
@@ -33,19 +34,81 @@ def find(cfg: Config, run_dir: Path, is_main: bool, log) -> tuple[Path, dict] | 
     return Path(mode), ckpt.load(mode)
 
 
-def load_into(saved: dict, model, optimizer, scaler) -> None:
-    """The saved parameters, optimizer state and loss scale; the optimizer keeps THIS run's
-    kernels (fused or not: the amp mode may differ from the saved run's)."""
+# Optimizers whose state (moments, step counts) carries over between them.
+STATE_FAMILY = {"sgd": "sgd", "adam": "adam", "adamw": "adam"}
+# train.* keys that shape the optimizer besides its kind (lr follows the schedule each step).
+OPTIMIZER_KEYS = ("weight_decay", "weight_decay_params", "betas")
+LEGACY = {"weight_decay_params": "all"}  # what checkpoints from before a key did
+
+
+def check_agreed(found: tuple[Path, dict] | None, run_dir: Path) -> None:
+    """Collective: every rank goes on from the same checkpoint file and step (each rank
+    loads it itself), else ConfigError (exit 2) naming the ranks and the run directory."""
+    mine = (str(found[0]), found[1]["step"]) if found else (None, 0)
+    views = dist.all_gather_object(mine)
+    if len(set(views)) > 1:
+        said = "; ".join(
+            f"rank {r}: {f'{p} at step {s}' if p else 'no checkpoint'}"
+            for r, (p, s) in enumerate(views)
+        )
+        raise ConfigError(
+            f"ranks disagree on the checkpoint to resume in run directory '{run_dir}' ({said}); "
+            f"every rank must read the same run.dir and train.resume"
+        )
+
+
+def load_into(saved: dict, model, optimizer, scaler, tcfg, log) -> None:
+    """The saved parameters, optimizer state and loss scale, into THIS run's objects: the
+    optimizer keeps this run's settings (train.weight_decay, betas, its kernels: fused or not,
+    the amp mode may differ) and takes the saved moments where its kind keeps them; every
+    change is said in one line."""
     model.load_state_dict(saved["model"])
-    fused = [group.get("fused") for group in optimizer.param_groups]
-    optimizer.load_state_dict(saved["optimizer"])
-    for group, f in zip(optimizer.param_groups, fused):
-        group["fused"] = f
+    was = {**LEGACY, **saved["config"]["train"]}
+    if STATE_FAMILY[was["optimizer"]] != STATE_FAMILY[tcfg.optimizer]:
+        log(
+            f"warning: the checkpoint was trained with train.optimizer={was['optimizer']}, this "
+            f"run uses {tcfg.optimizer}: its state (moments) cannot carry over, so the "
+            f"{tcfg.optimizer} optimizer starts fresh from the saved parameters"
+        )
+    else:
+        order = optim_mod.param_groups(model, was["weight_decay"], was["weight_decay_params"])
+        optimizer.load_state_dict(relaid(saved["optimizer"], order, optimizer))
+        changed = [
+            f"train.{k}={getattr(tcfg, k)!r} (was {was[k]!r})"
+            for k in ("optimizer", *OPTIMIZER_KEYS)
+            if _plain(was.get(k)) != _plain(getattr(tcfg, k))
+        ]
+        if changed:
+            log(f"resume: applying {', '.join(changed)}; the saved moments carry over")
     if saved["scaler"]:
         scaler.load_state_dict(saved["scaler"])
 
 
-def position(saved: dict, path: Path, rank: int, streams, device) -> TrainState:
+def _plain(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def relaid(saved_opt: dict, saved_groups: list[dict], optimizer) -> dict:
+    """A saved optimizer state laid out for `optimizer`: each parameter's state found by the
+    parameter itself (`saved_groups`: the saved run's groups, in its numbering), numbered
+    and grouped as `optimizer` numbers them, under `optimizer`'s own settings. Loading it
+    then puts every tensor on its parameter's device, step counts included, as this run's
+    kernels want them (fused: float32 on the device, also from a format-1 checkpoint)."""
+    saved_order = [p for g in saved_groups for p in g["params"]]
+    by_param = {saved_order[int(i)]: st for i, st in saved_opt["state"].items()}
+    state, groups, n = {}, [], 0
+    for group in optimizer.param_groups:
+        ids = []
+        for p in group["params"]:
+            if p in by_param:
+                state[n] = by_param[p]
+            ids.append(n)
+            n += 1
+        groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": ids})
+    return {"state": state, "param_groups": groups}
+
+
+def position(saved: dict, path: Path, rank: int, streams, device, seed: int) -> TrainState:
     """This rank's TrainState; the saved position must exist in today's data (data.* may
     change on resume, the number of minibatches an epoch may not shrink below it)."""
     state = TrainState.from_checkpoint(saved, rank, streams.b, device)
@@ -57,6 +120,14 @@ def position(saved: dict, path: Path, rank: int, streams, device) -> TrainState:
             f"{ckpt.RANDOM_ORDER_SINCE}: going on would repeat and skip windows; resume it with "
             f"the version that wrote it, or from a checkpoint at an epoch's end, or use "
             f"train.resume=never"
+        )
+    was_seed = saved["config"]["train"].get("seed", 0)
+    if random and state.batch and was_seed != seed:
+        raise ckpt.CheckpointError(
+            f"checkpoint '{path}' stopped inside epoch {state.epoch} of random sampling with "
+            f"train.seed={was_seed}; the seed orders the windows, so train.seed={seed} would "
+            f"repeat and skip windows of this epoch: resume with train.seed={was_seed} (the "
+            f"seed may change at an epoch's end), or use train.resume=never"
         )
     if state.batch >= streams.epoch_size:
         raise ckpt.CheckpointError(

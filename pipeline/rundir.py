@@ -50,9 +50,10 @@ def describe(record: dict) -> str:
     return ", ".join(parts)
 
 
-def acquire(run_dir: Path, wait_s: float = 0.0) -> None:
+def acquire(run_dir: Path, wait_s: float = 0.0) -> str:
     """Take the lock (retrying for `wait_s`: an elastic restart may start while the previous
-    attempt's rank 0 is still being reaped) or raise RunDirBusy naming the holder."""
+    attempt's rank 0 is still being reaped) or raise RunDirBusy naming the holder. Returns
+    the random token written into the holder record."""
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK_NAME
     f = open(path, "a+", encoding="utf-8")  # a+: never truncates another job's record
@@ -77,9 +78,12 @@ def acquire(run_dir: Path, wait_s: float = 0.0) -> None:
             time.sleep(0.5)
     f.seek(0)
     f.truncate()
-    f.write(json.dumps(holder_record()) + "\n")
+    record = holder_record()
+    record["token"] = os.urandom(8).hex()  # this job's, for the shared-folder check
+    f.write(json.dumps(record) + "\n")
     f.flush()
     _held.append(f)
+    return record["token"]
 
 
 def release() -> None:
@@ -91,4 +95,24 @@ def lock(run_dir: Path) -> None:
     """Collective: rank 0 takes the run directory's lock before anything is read or written
     (a second job touches nothing); every rank learns the outcome (exit status 2)."""
     wait_s = 30.0 if dist.restart_count() else 0.0  # the last attempt's rank 0 may linger
-    dist.on_main(lambda: acquire(run_dir, wait_s=wait_s), RunDirBusy)
+    token = []
+    dist.on_main(lambda: token.append(acquire(run_dir, wait_s=wait_s)), RunDirBusy)
+    check_shared(run_dir, dist.broadcast_object(token[0] if token else None))
+
+
+def check_shared(run_dir: Path, token: str) -> None:
+    """Collective: every rank must see rank 0's lock record in run.dir, i.e. the run
+    directory is ONE folder shared by all nodes; else each node would resume, save and log
+    on its own. Raises ConfigError (exit 2) on every rank, naming the ranks that do not."""
+    try:
+        seen = json.loads((run_dir / LOCK_NAME).read_text(encoding="utf-8")).get("token")
+    except (OSError, ValueError):
+        seen = None
+    views = dist.all_gather_object((seen == token, socket.gethostname()))
+    apart = [f"rank {r} on {host}" for r, (same, host) in enumerate(views) if not same]
+    if apart:
+        raise ConfigError(
+            f"run directory '{run_dir}' is not shared: {', '.join(apart)} "
+            f"{'does' if len(apart) == 1 else 'do'} not see the folder that rank 0 locked; put "
+            f"run.dir on a filesystem every node mounts (the same path on each)"
+        )

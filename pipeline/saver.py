@@ -1,6 +1,7 @@
-"""When a checkpoint is written, and whether: never during a streak of non-finite steps,
-never a state that holds NaN or inf; rank 0 writes, every rank learns the outcome (a full
-disk ends every rank alike)."""
+"""When a checkpoint is written, and whether: never once the non-finite guard tripped, never a
+state that holds NaN or inf, a periodic one not inside a streak of skipped steps (the final
+one is: a skipped step's state is the last good one); rank 0 writes, every rank learns the
+outcome (a full disk ends every rank alike)."""
 
 from __future__ import annotations
 
@@ -26,16 +27,25 @@ class Saver:
         self.cdir, self.run_dir, self.keep = ckpt.checkpoint_dir(run_dir), run_dir, keep
         self.guard, self.log = guard, log
 
-    def save(self, checkpoint, step: int, name: str | None) -> Path | None:
+    def save(self, checkpoint, step: int, name: str | None, final: bool = False) -> Path | None:
         """Collective: rank 0 writes `name`, or (None) a periodic step_N.pt that last.pt then
         names, from `checkpoint()` (collective too). Returns the file written, None when
-        nothing was (a streak of non-finite steps); Diverged when the state holds non-finite values (every
-        rank decides alike: the state is the same on every rank)."""
+        nothing was; Diverged when the state holds non-finite values (every rank decides
+        alike: the state is the same on every rank). Nothing once the guard tripped (the run
+        stops as diverged). Inside a streak of skipped steps a periodic save waits (the
+        streak may end in a divergence, and pruning would drop an older checkpoint for it);
+        a `final` one (the run's end, a preemption, a time limit) is written: a skipped step
+        changed no parameter, moment or carried state, so the state is the last good one."""
         streak, tripped = self.guard.state()  # an I/O edge: the host may look here
-        if streak or tripped >= 0:
+        if tripped >= 0 or (streak and not final):
+            why = (
+                f"the run diverged at step {tripped}"
+                if tripped >= 0
+                else (f"in a streak of {streak} non-finite steps")
+            )
             self.log(
-                f"step {step}: not saving {name or 'a periodic checkpoint'}: in a streak of "
-                f"{streak} non-finite steps (the checkpoints on disk stay as they are)"
+                f"step {step}: not saving {name or 'a periodic checkpoint'}: {why} (the "
+                f"checkpoints on disk stay as they are)"
             )
             return None
         state = checkpoint()

@@ -53,7 +53,12 @@ class TrainState:
         hidden = None
         if saved["hidden"]:
             lo = rank * b
-            hidden = tuple(h[:, lo : lo + b].contiguous().to(device) for h in saved["hidden"])
+            # fp32 on this run's device: a checkpoint from before the states were carried in
+            # fp32 may hold bf16 ones (any precision and device resume it)
+            hidden = tuple(
+                h[:, lo : lo + b].to(device=device, dtype=torch.float32).contiguous()
+                for h in saved["hidden"]
+            )
         return cls(
             step=saved["step"],
             epoch=saved["epoch"],

@@ -13,6 +13,7 @@ import torch
 
 from . import dist
 from .amp import Amp
+from .config import ConfigError
 from .loss import IGNORE
 from .metrics import LN2, perplexity
 from .model import State
@@ -46,6 +47,31 @@ def train_step(
         )
     amp.scaler.update()  # fp16: halves the scale after an overflow, as after scaler.step
     return loss.detach(), norm, new_state
+
+
+@torch.no_grad()
+def check_precision_runs(model, amp: Amp, device, vocab_size: int) -> None:
+    """Run the model once on two characters under the run's precision: where this device's
+    kernels cannot (oneDNN has no bf16 or fp16 LSTM on a CPU without native bf16, e.g.
+    without AVX512-BF16 or AMX), exit 2 naming train.amp instead of a kernel's traceback in
+    the first step. Eval mode: no dropout mask, so no random draw, and nothing changes."""
+    if amp.dtype is None:
+        return
+    was_training = model.training
+    model.eval()
+    x_BT = torch.zeros(1, 2, dtype=torch.long, device=device).clamp_(max=vocab_size - 1)
+    try:
+        with amp.autocast():
+            model(x_BT, model.init_state(1, device))
+    except RuntimeError as err:
+        why = str(err).splitlines()[0].split(". ")[0][:100]
+        raise ConfigError(
+            f"config key 'train.amp': {amp.mode} does not run on this {device.type} for this "
+            f"model ({type(model).__name__}: {why}); use train.amp=off, or train.amp=auto, "
+            f"which picks what this machine runs"
+        ) from None
+    finally:
+        model.train(was_training)
 
 
 @torch.no_grad()

@@ -34,7 +34,7 @@ from .optim import build_optimizer, lr_at, schedule_plans, warn_schedule_change
 from .runlog import RunLog, RunRecord, best_summary, run_id_for
 from .saver import Saver, check_room
 from .state import TrainState, carried
-from .step import evaluate, train_step
+from .step import check_precision_runs, evaluate, train_step
 from .stopper import Stopper
 from .streams import eval_streams, make_train_streams
 
@@ -121,6 +121,7 @@ class Trainer:
         self.model = build_model(cfg.model, len(self.vocab)).to(ctx.device)
         self.params = list(self.model.parameters())
         self.amp = Amp(tcfg.amp, ctx.device)
+        check_precision_runs(self.model, self.amp, ctx.device, len(self.vocab))
         self.optimizer = build_optimizer(tcfg, self.model)
         self.guard = NonFiniteGuard(tcfg.nonfinite_patience, ctx.device)
         self.faults = faults.from_env(ctx.rank, self.model)
@@ -141,6 +142,7 @@ class Trainer:
         self.budget = TimeBudget(budget, self.state.step, tcfg.warmup_steps)
         self.saver = Saver(self.run_dir, tcfg.keep_checkpoints, self.guard, self.log)
         self.val_step = -1
+        self.saved_step = self.state.step if self.state.step else -1  # what last.pt holds
         check_room(self.run_dir, self.params, tcfg.optimizer)
         self._open_run_dir()
         self.last_train: dict = {}
@@ -151,12 +153,17 @@ class Trainer:
         """The checkpoint to go on from (if any), loaded; a budget run goes on with the saved
         LR plans (and plans again with what is left)."""
         found = resume.find(self.cfg, self.run_dir, self.ctx.is_main, self.log)
+        resume.check_agreed(found, self.run_dir)
         if not found:
             return TrainState()
         path, saved = found
         ckpt.check_compatible(saved, self.cfg_dict, self.vocab.to_list(), path)
-        resume.load_into(saved, self.model, self.optimizer, self.amp.scaler)
-        state = resume.position(saved, path, self.ctx.rank, self.streams, self.ctx.device)
+        resume.load_into(
+            saved, self.model, self.optimizer, self.amp.scaler, self.cfg.train, self.log
+        )
+        state = resume.position(
+            saved, path, self.ctx.rank, self.streams, self.ctx.device, self.cfg.train.seed
+        )
         was = saved["config"]["train"]
         if budget:
             self._adopt(**budget_mod.saved_plans(was))
@@ -236,7 +243,7 @@ class Trainer:
                     self.validate()
                 periodic = self.save_when.due(s, end_of_epoch)
                 if reason != "diverged" and (reason or periodic):
-                    self.save(None if periodic else "last.pt")
+                    self.save(None if periodic else "last.pt", final=bool(reason))
                     self.runlog.commit()  # wandb gets the events up to this resumable point
         except Diverged as err:  # a save found non-finite values: the same on every rank
             reason, self.diverged = "diverged", str(err)
@@ -376,15 +383,18 @@ class Trainer:
             "config": self.cfg_dict,
         }
 
-    def save(self, name: str | None) -> bool:
+    def save(self, name: str | None, final: bool = False) -> bool:
         """Collective: `name`, or (None) a periodic checkpoint that last.pt then names; its
-        time counts for the budget (best.pt's is part of an evaluation's). False when a
-        streak of non-finite steps kept it from being written."""
+        time counts for the budget (best.pt's is part of an evaluation's). `final`: the
+        run's last save (written inside a streak of skipped steps too). False when nothing
+        was written (see Saver.save)."""
         began = budget_mod.clock()
         dist.doing(f"the checkpoint at step {self.state.step}")
-        path = self.saver.save(self.checkpoint, self.state.step, name)
+        path = self.saver.save(self.checkpoint, self.state.step, name, final)
         if path is None:
             return False
+        if name != "best.pt":
+            self.saved_step = self.state.step  # what last.pt holds now
         self.runlog.saved(path, self.state.step)
         if name != "best.pt":
             self.budget.saves.append(budget_mod.clock() - began)
@@ -398,7 +408,11 @@ class Trainer:
         self.runlog.finish(summary)
         if reason == "preempted":
             where = ckpt.checkpoint_dir(self.run_dir) / "last.pt"
-            self.log(f"preempted: saved step {s.step} to {where}")
+            if self.saved_step == s.step:
+                self.log(f"preempted: saved step {s.step} to {where}")
+            else:  # the save found nothing it may write (see Saver.save)
+                held = f"step {self.saved_step}" if self.saved_step >= 0 else "nothing"
+                self.log(f"preempted at step {s.step}: not saved; {where} holds {held}")
             raise Preempted(s.step)
         if reason == "diverged":
             raise Diverged(self.diverged or self.guard.message(self.guard.state()[1]))

@@ -307,3 +307,15 @@ def test_hot_loop_reads_values_only_at_log_intervals(tmp_path, monkeypatch, amp)
     # save's finiteness check: 8 (fp16: and the scaler's growth tracker at the save); a
     # per-step read would give 60+
     assert len(int_reads) <= 60 // 10 + 2 + (amp == "fp16"), int_reads
+
+
+def test_a_skipped_steps_loss_does_not_poison_the_intervals_mean():
+    """A non-finite step is skipped (its norm is not finite): its NaN loss is left out of
+    train/loss, which averages the steps taken."""
+    acc = TrainAccumulator(CPU)
+    for loss, norm in ((2.0, 1.0), (math.nan, math.nan), (4.0, 1.0)):
+        acc.add(torch.tensor(loss), 10, torch.tensor(norm), 1.0)
+    out = acc.reduce(1)
+    assert out["train/loss"] == pytest.approx(3.0) and out["opt/nonfinite_steps"] == 1
+    acc.add(torch.tensor(math.inf), 10, torch.tensor(math.inf), 1.0)
+    assert math.isnan(acc.reduce(1)["train/loss"])  # nothing taken: no mean to give

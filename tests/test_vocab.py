@@ -115,3 +115,30 @@ def test_chapter_config_gives_vocab_1038():
 
 with zipfile.ZipFile(JAYCHOU_ZIP) as _zf:
     JAYCHOU_TEXT = _zf.read("jaychou_lyrics.txt").decode("utf-8")
+
+
+def test_max_vocab_counts_unk_as_an_entry():
+    """<unk> forced in by a character of another split (or by min_freq) takes one of the
+    data.max_vocab places: 3 means 3 entries, never 4."""
+    counts = Counter("aaaabbbcc")
+    assert Vocab.build(counts, max_vocab=3).itos == ["a", "b", "c"]  # all fit, no <unk>
+    assert Vocab.build(counts, max_vocab=3, extra="z").itos == [UNK, "a", "b"]
+    assert Vocab.build(counts, min_freq=3, max_vocab=2).itos == [UNK, "a"]
+    assert len(Vocab.build(Counter("abcdefg"), max_vocab=3)) == 3
+    with pytest.raises(VocabError, match="data.max_vocab"):
+        Vocab.build(counts, max_vocab=1, extra="z")
+
+
+def test_encode_is_the_lookup_of_every_character():
+    rng = np.random.default_rng(0)
+    alphabet = list("分开不的我你abc \n") + ["\U0001f600"]  # a character beyond the BMP too
+    text = "".join(rng.choice(alphabet, size=3000))
+    vocab = Vocab.build(Counter(text[:2000]), max_vocab=8)
+    want = [vocab.stoi.get(c, vocab.unk) for c in text]
+    got = vocab.encode(text)
+    assert got.dtype == np.uint16 and got.tolist() == want
+    full = Vocab.from_text(text[:10])
+    missing = next(c for c in text if c not in full.stoi)
+    with pytest.raises(VocabError, match=f"character {missing!r} is not in the vocabulary"):
+        full.encode(text)
+    assert full.encode("").shape == (0,)
