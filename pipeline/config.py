@@ -55,13 +55,14 @@ class DataConfig:
     path: str = ""  # a local .zip/.txt file, or (source=hf) a Hub id or local dataset folder
     url: str = ""  # override the built-in corpus' download URL
     newlines: str = "keep"  # keep | space (the chapter replaces \n and \r by spaces)
-    max_chars: int = 0  # keep the first N characters (0 = all); the chapter uses 10000
-    valid_fraction: float = 0.0  # held-out tail of a text corpus
+    max_chars: int = 0  # keep the first N characters of each source text (a text file; each dataset split), before any hold-out (0 = all); the chapter: 10000
+    valid_fraction: float = 0.0  # held out for validation when the source has no validation split: a text's tail, a dataset's last documents of train
     name: str = ""  # Hugging Face dataset config name
     text_field: str = "text"  # data.source=hf: the column that holds the text
     train_split: str = "train"  # data.source=hf: the split to train on
-    valid_split: str = "validation"  # data.source=hf: the validation split ("" = none)
-    test_split: str = "test"  # data.source=hf: the test split ("" = none)
+    valid_split: str = "auto"  # hf: auto (validation, valid, val or dev if there, else held out by valid_fraction) | a split name | none (held out by valid_fraction, if > 0)
+    test_split: str = "auto"  # hf: auto (test if there, else held out by test_fraction) | a split name | none (held out by test_fraction, if > 0)
+    test_fraction: float = 0.0  # hf: last documents of train held out for test when the dataset gives no test split (0 = no test)
     separator: str = "\n"  # joins documents of a Hugging Face split
     min_freq: int = 1  # rarer training characters map to <unk>
     max_vocab: int = 0  # keep the most frequent N characters (0 = all)
@@ -224,6 +225,47 @@ def _explain(err: OmegaConfBaseException) -> ConfigError:
     return ConfigError(f"config key '{key}': {msg}")
 
 
+_NEEDS_A_VALUE = ("train.resume", "data.train_split", "data.text_field")  # strings never none
+
+
+def _is_empty(value: Any) -> bool:
+    """`key=`, `key=''`, `key=none`, `key=null` (and YAML's null): the value "none". A shell
+    turns `key=''` into `key=`, so every spelling must mean the same."""
+    return value is None or (isinstance(value, str) and value.lower() in ("", "none", "null"))
+
+
+def _empty_value(schema, key: str) -> Any:
+    """What "none" sets an optional key to: "" for a free string, [] for a list, 0 for a number
+    whose default 0 means off or all. Other keys need a value (a ConfigError naming the key)."""
+    default = OmegaConf.select(schema, key)
+    if OmegaConf.is_list(default):
+        return []
+    if isinstance(default, str) and key not in CHOICES and key not in _NEEDS_A_VALUE:
+        return ""
+    if type(default) in (int, float) and default == 0:
+        return default
+    allowed = {bool: "true or false", str: "a string"}.get(type(default), "a number")
+    allowed = f"one of {CHOICES[key]}" if key in CHOICES else allowed
+    raise ConfigError(f"config key '{key}' needs a value ({allowed}); it cannot be none")
+
+
+def _fill_empty(tree: Any, schema, prefix: str = "") -> Any:
+    """A YAML layer with "none" values of the schema's keys replaced as `_empty_value` says
+    (unknown keys are left for the merge to report)."""
+    if not isinstance(tree, dict):
+        return tree
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        node = OmegaConf.select(schema, key, default="__missing__")
+        if isinstance(v, dict):
+            v = _fill_empty(v, schema, key + ".")
+        elif _is_empty(v) and node != "__missing__" and not OmegaConf.is_dict(node):
+            v = _empty_value(schema, key)
+        out[k] = v
+    return out
+
+
 def load(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
     """Defaults < YAML at `path` < dotted `overrides`; validated. Raises ConfigError."""
     schema = OmegaConf.structured(Config)
@@ -233,7 +275,10 @@ def load(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> C
         if not p.is_file():
             raise ConfigError(f"config file '{path}' does not exist")
         try:
-            layers.append(OmegaConf.create(_parse_yaml(p.read_text(encoding="utf-8")) or {}))
+            tree = _parse_yaml(p.read_text(encoding="utf-8")) or {}
+            layers.append(OmegaConf.create(_fill_empty(tree, schema)))
+        except ConfigError:
+            raise
         except Exception as err:  # yaml syntax errors
             raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from None
     for item in overrides or []:
@@ -246,7 +291,10 @@ def load(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> C
     for item in overrides or []:
         key, value = item.split("=", 1)
         try:
-            OmegaConf.update(dotlist, key, _parse_yaml(value), force_add=True)
+            parsed = _parse_yaml(value)
+            if _is_empty(parsed):
+                parsed = _empty_value(schema, key)
+            OmegaConf.update(dotlist, key, parsed, force_add=True)
         except yaml.YAMLError as err:
             raise ConfigError(
                 f"config key '{key}': value {value!r} is not valid YAML: {str(err).splitlines()[0]}"
@@ -281,8 +329,11 @@ def validate(cfg: Config) -> None:
     for key in NON_NEGATIVE:
         if get(cfg, key) < 0:
             raise ConfigError(f"config key '{key}' must be >= 0, got {get(cfg, key)}")
-    if not 0.0 <= cfg.data.valid_fraction < 1.0:
-        raise ConfigError("config key 'data.valid_fraction' must be in [0, 1)")
+    for key in ("data.valid_fraction", "data.test_fraction"):
+        if not 0.0 <= get(cfg, key) < 1.0:
+            raise ConfigError(f"config key '{key}' must be in [0, 1), got {get(cfg, key)}")
+    if cfg.data.valid_fraction + cfg.data.test_fraction >= 1.0:
+        raise ConfigError("config keys 'data.valid_fraction' + 'data.test_fraction' must be < 1")
     for key in ("model.dropout", "model.weight_drop"):
         if not 0.0 <= get(cfg, key) < 1.0:
             raise ConfigError(f"config key '{key}' must be in [0, 1), got {get(cfg, key)}")

@@ -3,11 +3,15 @@ the resolved config in the run directory, and every shipped config loads."""
 
 from __future__ import annotations
 
+import shlex
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import ROOT, TINY, run_cli
 
 import pipeline.train as train_mod
@@ -205,3 +209,69 @@ def test_dict_round_trip():
     assert config.to_dict(config.from_dict(config.to_dict(cfg))) == config.to_dict(cfg)
     with pytest.raises(ConfigError, match="train.nope"):
         config.from_dict({"train": {"nope": 1}})
+
+
+NONE_SPELLINGS = ["{k}=", "{k}=''", "{k}=none", "{k}=null", "{k}=None"]
+
+
+@pytest.mark.parametrize("spelling", NONE_SPELLINGS)
+@pytest.mark.parametrize(
+    "key,empty",
+    [
+        ("data.valid_split", ""),
+        ("data.test_split", ""),
+        ("data.name", ""),
+        ("run.dir", str(Path("runs") / "run")),  # "" = runs/<name>
+        ("logging.wandb.entity", ""),
+        ("data.max_chars", 0),
+        ("data.valid_fraction", 0.0),
+        ("model.adaptive_cutoffs", []),
+        ("generate.prefixes", []),
+    ],
+)
+def test_an_empty_value_means_none(key, empty, spelling):
+    """Every optional key takes every spelling of "none", as a shell hands it over: `key=''`
+    arrives as `key=`; YAML's null in a config file means the same."""
+    (override,) = shlex.split(spelling.format(k=key))
+    assert config.get(config.load(None, [override]), key) == empty
+
+
+def test_none_in_a_yaml_file_and_keys_that_need_a_value(tmp_path):
+    path = write(tmp_path, "data:\n  test_split: null\n  valid_split:\n  name: none\n")
+    cfg = config.load(path, [])
+    assert (cfg.data.test_split, cfg.data.valid_split, cfg.data.name) == ("", "", "")
+    assert cfg.data.separator == "\n"  # whitespace is a value, not "none"
+    for override, what in [
+        ("train.lr=", "a number"),
+        ("train.amp=none", "one of"),
+        ("run.overwrite=null", "true or false"),
+        ("train.resume=''", "a string"),
+        ("data.train_split=", "a string"),
+    ]:
+        key = override.split("=")[0]
+        with pytest.raises(ConfigError, match=rf"config key '{key}' needs a value \({what}"):
+            config.load(None, shlex.split(override))
+    with pytest.raises(ConfigError, match="config key 'model.hidden_size' needs a value"):
+        config.load(write(tmp_path, "model: {hidden_size: null}\n", "n.yaml"), [])
+
+
+def test_fractions_are_checked():
+    with pytest.raises(ConfigError, match="'data.test_fraction' must be in"):
+        config.load(None, ["data.test_fraction=-0.1"])
+    with pytest.raises(ConfigError, match=r"'data.valid_fraction' \+ 'data.test_fraction'"):
+        config.load(None, ["data.valid_fraction=0.5", "data.test_fraction=0.5"])
+
+
+@pytest.mark.slow
+def test_empty_overrides_through_a_real_shell(tmp_path):
+    """`bash -c` hands the overrides over as a user's shell does; --print-config shows them."""
+    cmd = (
+        f"{shlex.quote(sys.executable)} -m pipeline train --print-config "
+        "data.source=hf data.path=x data.valid_split= data.test_split='' data.name=none "
+        "data.max_chars=null model.adaptive_cutoffs=''"
+    )
+    proc = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    data = yaml.safe_load(proc.stdout)["data"]
+    assert (data["valid_split"], data["test_split"], data["name"]) == ("", "", "")
+    assert data["max_chars"] == 0 and yaml.safe_load(proc.stdout)["model"]["adaptive_cutoffs"] == []

@@ -244,7 +244,7 @@ def test_missing_text_field_lists_columns(hf_home, capsys):
 
 def test_missing_split_lists_splits(hf_home, capsys):
     err = prepare_error(capsys, "data.valid_split=dev")
-    assert "no split 'dev'" in err and "'validation'" in err and "data.valid_split=''" in err
+    assert "no split 'dev'" in err and "'validation'" in err and "data.valid_split=none" in err
 
 
 def tiny_dataset(root: Path, splits: dict) -> Path:
