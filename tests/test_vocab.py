@@ -142,3 +142,19 @@ def test_encode_is_the_lookup_of_every_character():
     with pytest.raises(VocabError, match=f"character {missing!r} is not in the vocabulary"):
         full.encode(text)
     assert full.encode("").shape == (0,)
+
+
+def test_encode_takes_the_ids_and_a_few_pieces_of_memory():
+    """Encoding goes through the lookup table a million characters at a time: the peak is
+    the ids (2 bytes a character here) plus pieces of fixed size (the lookup table's 4.4 MB
+    among them), not a Python list of ids (8 bytes and more a character)."""
+    import tracemalloc
+
+    text = "分开不的我你abc \n" * 400_000  # 4.4M characters
+    vocab = Vocab.from_text(text)
+    tracemalloc.start()
+    ids = vocab.encode(text)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert len(ids) == len(text) and ids.dtype == np.uint16
+    assert peak < 2 * len(text) + 24 * 2**20, f"{peak / len(text):.1f} bytes a character"
