@@ -146,7 +146,6 @@ def cmd_prepare(args) -> int:
 
 def cmd_export(args) -> int:
     from .export import export
-
     from .onnxstep import OnnxMismatch
 
     try:

@@ -111,7 +111,7 @@ def export_onnx(model, vocab, cfg, out: Path) -> str:
         )
     try:
         ids_BT, where = _check_slice(cfg, vocab)
-        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        session = _session(ort, tmp)
         worst = _compare(step, session, names, ids_BT)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -124,6 +124,13 @@ def export_onnx(model, vocab, cfg, out: Path) -> str:
         )
     tmp.replace(out / ONNX_FILE)
     return f"model.onnx checked against PyTorch on {where}: largest difference {worst:.1e}"
+
+
+def _session(ort, path: Path):
+    """One thread: a step of one stream is too small to share, and idle pool threads spin."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def _check_slice(cfg, vocab) -> tuple[np.ndarray, str]:
@@ -196,7 +203,7 @@ def generate_onnx(
         raise CheckpointError(f"'{folder / 'config.json'}' is not readable ({err})") from None
     check_prefix(prefix, vocab)
     try:
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        session = _session(ort, path)
     except Exception as err:  # onnxruntime raises its own classes for a bad file
         raise CheckpointError(f"'{path}' is not a usable ONNX model ({err})") from None
     feeds = {  # zero states: (layers, batch 1, hidden)

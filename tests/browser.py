@@ -164,7 +164,9 @@ class Browser:
 
     def type_into(self, selector: str, text: str) -> None:
         """Replace an input's text by typing `text` (Input.insertText, as an IME does)."""
-        self.evaluate(f"(e => {{ e.value = ''; e.focus(); }})(document.querySelector({selector!r}))")
+        self.evaluate(
+            f"(e => {{ e.value = ''; e.focus(); }})(document.querySelector({selector!r}))"
+        )
         self.call("Input.insertText", session=True, text=text)
 
     def screenshot(self, path: Path) -> Path:

@@ -23,27 +23,141 @@ function readSafetensors(buf) {
   const view = new DataView(buf);
   const n = Number(view.getBigUint64(0, true));
   const header = JSON.parse(new TextDecoder().decode(new Uint8Array(buf, 8, n)));
+  delete header.__metadata__;
+  // weights, their transposed or joined copies and the activations share one heap
+  makeHeap(2 * (buf.byteLength - 8 - n) + (4 << 20));
   const tensors = {};
   for (const [name, t] of Object.entries(header)) {
-    if (name === "__metadata__") continue;
     if (t.dtype !== "F32") throw new Error(`tensor ${name} is ${t.dtype}, not F32`);
     const [lo, hi] = t.data_offsets;
+    const data = alloc((hi - lo) / 4);
     // a copy: the data may not start at a multiple of 4 bytes
-    tensors[name] = { shape: t.shape, data: new Float32Array(buf.slice(8 + n + lo, 8 + n + hi)) };
+    data.set(new Float32Array(buf.slice(8 + n + lo, 8 + n + hi)));
+    tensors[name] = { shape: t.shape, data };
   }
   return tensors;
 }
 
 function transpose(a, rows, cols) {
-  const t = new Float32Array(rows * cols);
+  const t = alloc(rows * cols);
   for (let r = 0; r < rows; r++) for (let c = 0; c < cols; c++) t[c * rows + r] = a[r * cols + c];
   return t;
 }
 
+function joined(...arrays) {
+  const out = alloc(arrays.reduce((n, a) => n + a.length, 0));
+  let at = 0;
+  for (const a of arrays) { out.set(a, at); at += a.length; }
+  return out;
+}
+
 // ------------------------------------------------------------------ arithmetic
+
+// The one hot loop, matrix times vector, runs as WebAssembly with 128-bit SIMD (four float32
+// products at once) where the browser has it, on float32 arrays in one WebAssembly memory;
+// plain JavaScript otherwise. The module is assembled here from its instructions: the
+// function matvec(W, b, x, out, rows, cols) takes byte offsets into the memory (b = 0: none).
+const WASM_MATVEC = (() => {
+  const I32 = 0x7f, F32 = 0x7d, V128 = 0x7b;
+  const get = (i) => [0x20, i], set = (i) => [0x21, i];
+  const i32 = (v) => [0x41, ...sleb(v)];
+  const add = 0x6a, and = 0x71, shl = 0x74, geU = 0x4f;
+  const simd = (op) => [0xfd, ...uleb(op)];
+  const mem = (align) => [align, 0]; // memarg: log2 alignment, offset 0
+  const [W, B, X, OUT, ROWS, COLS, R, C, WP, ACC, S, COLS4] = [...Array(12).keys()];
+  const at = (base, idx) => [...get(base), ...get(idx), ...i32(2), shl, add]; // base + 4 idx
+  const lane = (k) => [...get(ACC), ...simd(31), k]; // f32x4.extract_lane k
+  const body = [
+    ...get(COLS), ...i32(-4), and, ...set(COLS4),
+    ...get(W), ...set(WP),
+    ...i32(0), ...set(R),
+    0x02, 0x40, 0x03, 0x40, // block, loop: rows
+    ...get(R), ...get(ROWS), geU, 0x0d, 1,
+    0x43, 0, 0, 0, 0, ...simd(19), ...set(ACC), // acc = f32x4.splat(0)
+    ...i32(0), ...set(C),
+    0x02, 0x40, 0x03, 0x40, // four columns a step
+    ...get(C), ...get(COLS4), geU, 0x0d, 1,
+    ...get(ACC), ...at(WP, C), ...simd(0), ...mem(2), ...at(X, C), ...simd(0), ...mem(2),
+    ...simd(230), ...simd(228), ...set(ACC), // acc += W[r, c:c+4] * x[c:c+4]
+    ...get(C), ...i32(4), add, ...set(C),
+    0x0c, 0, 0x0b, 0x0b,
+    ...lane(0), ...lane(1), 0x92, ...lane(2), ...lane(3), 0x92, 0x92, ...set(S),
+    0x02, 0x40, 0x03, 0x40, // the last cols % 4 columns
+    ...get(C), ...get(COLS), geU, 0x0d, 1,
+    ...get(S), ...at(WP, C), 0x2a, ...mem(2), ...at(X, C), 0x2a, ...mem(2), 0x94, 0x92, ...set(S),
+    ...get(C), ...i32(1), add, ...set(C),
+    0x0c, 0, 0x0b, 0x0b,
+    ...get(B), 0x04, 0x40, // if b: s = b[r] + s
+    ...at(B, R), 0x2a, ...mem(2), ...get(S), 0x92, ...set(S),
+    0x0b,
+    ...at(OUT, R), ...get(S), 0x38, ...mem(2), // out[r] = s
+    ...get(WP), ...get(COLS), ...i32(2), shl, add, ...set(WP),
+    ...get(R), ...i32(1), add, ...set(R),
+    0x0c, 0, 0x0b, 0x0b,
+    0x0b,
+  ];
+  const locals = [3, I32, 1, V128, 1, F32, 1, I32]; // r c wp; acc; s; cols4 (in 3 + 3 runs)
+  const func = [4, ...locals, ...body];
+  const section = (id, bytes) => [id, ...uleb(bytes.length), ...bytes];
+  const name = (s) => [s.length, ...[...s].map((ch) => ch.charCodeAt(0))];
+  return new Uint8Array([
+    0x00, 0x61, 0x73, 0x6d, 1, 0, 0, 0,
+    ...section(1, [1, 0x60, 6, I32, I32, I32, I32, I32, I32, 0]),
+    ...section(2, [1, ...name("env"), ...name("mem"), 0x02, 0x00, 1]),
+    ...section(3, [1, 0]),
+    ...section(7, [1, ...name("matvec"), 0x00, 0]),
+    ...section(10, [1, ...uleb(func.length), ...func]),
+  ]);
+})();
+
+function uleb(v) {
+  const out = [];
+  do { let b = v & 0x7f; v >>>= 7; if (v) b |= 0x80; out.push(b); } while (v);
+  return out;
+}
+
+function sleb(v) {
+  const out = [];
+  for (;;) {
+    const b = v & 0x7f;
+    v >>= 7;
+    if ((v === 0 && !(b & 0x40)) || (v === -1 && b & 0x40)) return [...out, b];
+    out.push(b | 0x80);
+  }
+}
+
+let heap = null, heapUsed = 16, wasmMatvec = null; // offset 0 stays free: "no bias"
+// ?engine=js in the URL: plain JavaScript even where WebAssembly SIMD runs (for comparison)
+const plainJs = new URLSearchParams(location.search).get("engine") === "js";
+
+function makeHeap(bytes) {
+  heap = null;
+  heapUsed = 16;
+  wasmMatvec = null;
+  if (plainJs || typeof WebAssembly === "undefined" || !WebAssembly.validate(WASM_MATVEC)) return;
+  const memory = new WebAssembly.Memory({ initial: Math.ceil(bytes / 65536) });
+  const module = new WebAssembly.Module(WASM_MATVEC);
+  wasmMatvec = new WebAssembly.Instance(module, { env: { mem: memory } }).exports.matvec;
+  heap = memory.buffer;
+}
+
+function alloc(n) { // n float32 in the heap (16-byte aligned), or a plain array once it is full
+  const bytes = (n * 4 + 15) & ~15;
+  if (!heap || heapUsed + bytes > heap.byteLength) return new Float32Array(n);
+  const a = new Float32Array(heap, heapUsed, n);
+  heapUsed += bytes;
+  return a;
+}
+
+const inHeap = (a) => a.buffer === heap;
+const engine = () => (wasmMatvec ? "WebAssembly SIMD" : "JavaScript");
 
 // out[r] = b[r] + sum_c W[r, c] x[c] for a row-major (rows, cols) W; b may be null
 function matvec(W, b, x, rows, cols, out) {
+  if (wasmMatvec && inHeap(W) && inHeap(x) && inHeap(out) && (!b || inHeap(b))) {
+    wasmMatvec(W.byteOffset, b ? b.byteOffset : 0, x.byteOffset, out.byteOffset, rows, cols);
+    return out;
+  }
   for (let r = 0, o = 0; r < rows; r++, o += cols) {
     let s0 = 0, s1 = 0, s2 = 0, s3 = 0, c = 0;
     for (; c + 3 < cols; c += 4) {
@@ -77,10 +191,10 @@ function scratchModel(t) {
   const Wxh = t["W_xh"].data, bh = t["b_h"].data, bq = t["b_q"].data;
   const WhhT = transpose(t["W_hh"].data, H, H); // row j: column j of W_hh
   const WhqT = transpose(t["W_hq"].data, H, V);
-  const pre = new Float32Array(H), logits = new Float32Array(V);
+  const pre = alloc(H), logits = alloc(V), h = alloc(H);
   return {
     vocabSize: V,
-    init: () => [new Float32Array(H)],
+    init: () => [h.fill(0)],
     step(id, [h]) {
       matvec(WhhT, null, h, H, H, pre);
       for (let j = 0; j < H; j++) h[j] = Math.tanh(Wxh[id * H + j] + bh[j] + pre[j]);
@@ -95,9 +209,9 @@ function cell(kind, t, i) {
   const bih = t[p + "bias_ih_l0"].data, bhh = t[p + "bias_hh_l0"].data;
   const [G, In] = Wih.shape;
   const H = Whh.shape[1];
-  const gi = new Float32Array(G), gh = new Float32Array(G);
-  const state = kind === "lstm" ? () => [new Float32Array(H), new Float32Array(H)]
-                                : () => [new Float32Array(H)];
+  const gi = alloc(G), gh = alloc(G);
+  const own = kind === "lstm" ? [alloc(H), alloc(H)] : [alloc(H)];
+  const state = () => own.map((a) => a.fill(0)); // one generation at a time
   // step(x, [h] or [h, c]) updates the state in place; the new h is the layer's output
   const steps = {
     rnn(x, [h]) {
@@ -145,13 +259,13 @@ function adaptiveIO(t) {
   for (const e of emb) bounds.push(bounds[bounds.length - 1] + e.shape[0]);
   const d = emb[0].shape[1], n = emb.length, size0 = bounds[1];
   const cluster = t["io.cluster"].data, clusterBias = t["io.cluster_bias"].data;
-  const headW = new Float32Array([...outEmb[0].data, ...cluster]);
-  const headB = new Float32Array([...bias[0], ...clusterBias]);
-  const head = new Float32Array(size0 + n - 1);
-  const tails = emb.map((e) => new Float32Array(e.shape[0]));
-  const zs = emb.map((e) => new Float32Array(e.shape[1]));
+  const headW = joined(outEmb[0].data, cluster);
+  const headB = joined(bias[0], clusterBias);
+  const head = alloc(size0 + n - 1);
+  const tails = emb.map((e) => alloc(e.shape[0]));
+  const zs = emb.map((e) => alloc(e.shape[1]));
   const V = bounds[n];
-  const x = new Float32Array(d), logp = new Float32Array(V);
+  const x = alloc(d), logp = alloc(V);
   return {
     vocabSize: V,
     d,
@@ -205,7 +319,7 @@ function torchModel(kind, t) {
   const E = t["embedding.weight"] || t["dense.weight"]; // tied: stored once, under either name
   const D = t["dense.weight"] || t["embedding.weight"];
   const [V, width] = E.shape;
-  const b = t["dense.bias"].data, logits = new Float32Array(V);
+  const b = t["dense.bias"].data, logits = alloc(V);
   return {
     vocabSize: V,
     init: () => layers.map((l) => l.state()),
@@ -397,11 +511,11 @@ async function generate() {
   status.textContent = `${made} characters in ${seconds.toFixed(3)} s ` +
     `(${Math.round(rate)} characters/s), ` +
     (s.temperature > 0 ? `temperature ${s.temperature}, top-k ${s.topK || "all"}, seed ${s.seed}`
-                       : "greedy") + (stopped ? ", stopped" : "");
+                       : "greedy") + `, ${engine()}` + (stopped ? ", stopped" : "");
   const link = document.createElement("a");
   link.href = link.textContent = shareLink(s);
   $("share").append("link to this sample: ", link);
-  window.lastRun = { text: s.prefix + text, generated: made, seconds, rate };
+  window.lastRun = { text: s.prefix + text, generated: made, seconds, rate, engine: engine() };
   out.dataset.state = "done";
   $("go").disabled = false;
   $("stop").disabled = true;
