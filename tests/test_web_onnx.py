@@ -258,7 +258,7 @@ def test_the_main_jobs_model_generates_fast_enough_in_the_page(browser, capsys, 
         page_run(browser, url + query("分开", 20))  # warm the JIT
         fast = page_run(browser, url + query("分开", 1000))
         page = page_run(browser, url + query("不分开", LENGTH))["text"]
-        plain = page_run(browser, url + query("分开", 300) + "&engine=js")
+        plain = page_run(browser, url + query("分开", 100) + "&engine=js")
     _, python, _ = generate_cli(capsys, folder, "不分开", "--length", str(LENGTH))
     assert page == python, where_they_differ(folder, page, python)
     assert plain["text"] == fast["text"][: len(plain["text"])]

@@ -135,10 +135,14 @@ function makeHeap(bytes) {
   heapUsed = 16;
   wasmMatvec = null;
   if (plainJs || typeof WebAssembly === "undefined" || !WebAssembly.validate(WASM_MATVEC)) return;
-  const memory = new WebAssembly.Memory({ initial: Math.ceil(bytes / 65536) });
-  const module = new WebAssembly.Module(WASM_MATVEC);
-  wasmMatvec = new WebAssembly.Instance(module, { env: { mem: memory } }).exports.matvec;
-  heap = memory.buffer;
+  try {
+    const memory = new WebAssembly.Memory({ initial: Math.ceil(bytes / 65536) });
+    const module = new WebAssembly.Module(WASM_MATVEC);
+    wasmMatvec = new WebAssembly.Instance(module, { env: { mem: memory } }).exports.matvec;
+    heap = memory.buffer;
+  } catch (err) { // e.g. no memory that large: plain JavaScript
+    console.warn("WebAssembly unavailable, plain JavaScript:", err);
+  }
 }
 
 function alloc(n) { // n float32 in the heap (16-byte aligned), or a plain array once it is full
