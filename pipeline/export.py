@@ -88,8 +88,8 @@ def export(
     web: bool = False,
     onnx: bool = False,
 ) -> Path:
-    """Write the folder `out` (created; files of an earlier export replaced); `web` adds the
-    page (index.html, lyrics.js), `onnx` adds model.onnx, checked against the model."""
+    """Write the folder `out` (created; an earlier export's files replaced or removed); `web`
+    adds the page (index.html, lyrics.js), `onnx` model.onnx, checked against the model."""
     from safetensors.torch import save_model
 
     from .generate import samples
@@ -123,9 +123,11 @@ def export(
         prefixes=cfg.generate.prefixes[:1] or [first], length=sample_length
     )
     (_, sample), *_ = samples(model, vocab, gcfg, cfg.train.seed, "cpu")
-    if onnx:
-        from .onnxstep import export_onnx
+    from .onnxstep import ONNX_FILE, export_onnx
 
+    for name in (*WEB_FILES, ONNX_FILE):  # an earlier export's, which may not fit these weights
+        (out / name).unlink(missing_ok=True)
+    if onnx:
         print(export_onnx(model, vocab, cfg, out))
     if web:
         for name in WEB_FILES:

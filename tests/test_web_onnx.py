@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import urllib.parse
@@ -328,6 +329,26 @@ def test_export_refuses_an_onnx_file_that_disagrees(folders, capsys, monkeypatch
     err = capsys.readouterr().err
     assert code == 1 and "model.onnx differs from the PyTorch model" in err, err
     assert "validation split" in err and not list(tmp_path.glob("model.onnx*"))
+
+
+def test_the_card_says_how_to_serve_the_page_and_a_new_export_leaves_no_stale_file(folders):
+    folder = folders["rnn_2layers"]
+    page_files = {"index.html", "lyrics.js", "model.onnx"}
+    hf_files = {"README.md", "config.json", "model.safetensors"}
+    assert {p.name for p in folder.iterdir()} == hf_files | page_files
+    card = (folder / "README.md").read_text(encoding="utf-8")
+    for words in ("## In a browser", "python -m http.server", "?prefix=", "## ONNX", "--onnx"):
+        assert words in card, words
+    page = (folder / "index.html").read_text(encoding="utf-8")
+    assert '<script src="lyrics.js">' in page and "http" not in page.split("-->", 1)[1]
+    script = (folder / "lyrics.js").read_text(encoding="utf-8")  # nothing fetched from elsewhere
+    assert re.findall(r"fetch\((.*?)\)", script) == ['"config.json"', '"model.safetensors"']
+    assert not re.search(r"https?://|import\(|<script", script)
+    again = folder.parent / "again"
+    shutil.copytree(folder, again)
+    export(folder.parent / "run" / "checkpoints" / "best.pt", again)
+    assert {p.name for p in again.iterdir()} == hf_files
+    assert "## In a browser" not in (again / "README.md").read_text(encoding="utf-8")
 
 
 def test_generate_onnx_needs_model_onnx(folders, capsys, tmp_path):
