@@ -230,7 +230,7 @@ def test_a_screenshot_after_a_generation_shows_the_lyrics(folders, browser, tmp_
     WEB_SCREENSHOT_TO=docs/web.png."""
     folder = Path(os.environ.get("WEB_SCREENSHOT_FOLDER") or folders["lstm_2layers_tied"])
     with served(folder) as url:
-        page_run(browser, url + query("分开", 80))
+        page_run(browser, url + query("分开", 100, temperature=0.8, top_k=20, seed=1))
         fonts = browser.fonts_for("#out")
         shot = browser.screenshot(tmp_path / "page.png")
     # the lyrics are drawn with a font that has Chinese glyphs, not as empty boxes

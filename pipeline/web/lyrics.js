@@ -6,9 +6,10 @@
 //   rnn/gru/lstm an embedding (or the adaptive input), one torch cell per layer (nn.RNN,
 //                nn.GRU, nn.LSTM gate orders), then a linear output (or the adaptive
 //                softmax's log-probabilities); a tied output reads the embedding's matrix.
-// Weights and every activation are float32 arrays like the model's; a dot product sums in
-// float64 and is rounded once when stored, so greedy text matches PyTorch's unless two
-// logits lie within float32 rounding of each other.
+// Weights and every activation are float32 arrays like the model's; dot products sum in
+// float32 (WebAssembly SIMD, four partial sums) or float64 (the plain JavaScript fallback),
+// rounded when stored, so greedy text matches PyTorch's unless two logits lie within
+// float32 rounding of each other.
 //
 // The page's URL can carry a sample: index.html?prefix=分开&length=100 generates on load
 // (greedy unless it also gives temperature, top_k and seed).
@@ -98,15 +99,55 @@ const WASM_MATVEC = (() => {
   ];
   const locals = [3, I32, 1, V128, 1, F32, 1, I32]; // r c wp; acc; s; cols4 (in 3 + 3 runs)
   const func = [4, ...locals, ...body];
+
+  // matvec4: the same sums, four rows at a time (each x[c:c+4] loaded once for four rows,
+  // four independent chains of additions); rows and cols multiples of 4
+  const [R4, RB, CB, P] = [6, 7, 8, 9]; // row, row bytes, column byte offset, rows' pointers
+  const [XV, A, S4] = [13, 14, 18]; // x[c:c+4], accumulators A..A+3, a row's sum
+  const four = [0, 1, 2, 3];
+  const body4 = [
+    ...get(COLS), ...i32(2), shl, ...set(RB),
+    ...get(W), ...set(P),
+    ...i32(0), ...set(R4),
+    0x02, 0x40, 0x03, 0x40, // rows, four at a time
+    ...get(R4), ...get(ROWS), geU, 0x0d, 1,
+    ...[1, 2, 3].flatMap((k) => [...get(P + k - 1), ...get(RB), add, ...set(P + k)]),
+    ...four.flatMap((k) => [0x43, 0, 0, 0, 0, ...simd(19), ...set(A + k)]),
+    ...i32(0), ...set(CB),
+    0x02, 0x40, 0x03, 0x40,
+    ...get(CB), ...get(RB), geU, 0x0d, 1,
+    ...get(X), ...get(CB), add, ...simd(0), ...mem(2), ...set(XV),
+    ...four.flatMap((k) => [
+      ...get(A + k), ...get(P + k), ...get(CB), add, ...simd(0), ...mem(2), ...get(XV),
+      ...simd(230), ...simd(228), ...set(A + k),
+    ]),
+    ...get(CB), ...i32(16), add, ...set(CB),
+    0x0c, 0, 0x0b, 0x0b,
+    ...four.flatMap((k) => [
+      ...get(A + k), ...simd(31), 0, ...get(A + k), ...simd(31), 1, 0x92,
+      ...get(A + k), ...simd(31), 2, ...get(A + k), ...simd(31), 3, 0x92, 0x92, ...set(S4),
+      ...get(B), 0x04, 0x40,
+      ...get(B), ...get(R4), ...i32(k), add, ...i32(2), shl, add, 0x2a, ...mem(2),
+      ...get(S4), 0x92, ...set(S4),
+      0x0b,
+      ...get(OUT), ...get(R4), ...i32(k), add, ...i32(2), shl, add, ...get(S4), 0x38, ...mem(2),
+    ]),
+    ...get(P + 3), ...get(RB), add, ...set(P),
+    ...get(R4), ...i32(4), add, ...set(R4),
+    0x0c, 0, 0x0b, 0x0b,
+    0x0b,
+  ];
+  const func4 = [3, 7, I32, 5, V128, 1, F32, ...body4]; // r rb cb p0-3; xv a0-3; s
+
   const section = (id, bytes) => [id, ...uleb(bytes.length), ...bytes];
   const name = (s) => [s.length, ...[...s].map((ch) => ch.charCodeAt(0))];
   return new Uint8Array([
     0x00, 0x61, 0x73, 0x6d, 1, 0, 0, 0,
     ...section(1, [1, 0x60, 6, I32, I32, I32, I32, I32, I32, 0]),
     ...section(2, [1, ...name("env"), ...name("mem"), 0x02, 0x00, 1]),
-    ...section(3, [1, 0]),
-    ...section(7, [1, ...name("matvec"), 0x00, 0]),
-    ...section(10, [1, ...uleb(func.length), ...func]),
+    ...section(3, [2, 0, 0]),
+    ...section(7, [2, ...name("matvec"), 0x00, 0, ...name("matvec4"), 0x00, 1]),
+    ...section(10, [2, ...uleb(func.length), ...func, ...uleb(func4.length), ...func4]),
   ]);
 })();
 
@@ -126,19 +167,20 @@ function sleb(v) {
   }
 }
 
-let heap = null, heapUsed = 16, wasmMatvec = null; // offset 0 stays free: "no bias"
+let heap = null, heapUsed = 16, wasmMatvec = null, wasmMatvec4 = null; // offset 0: "no bias"
 // ?engine=js in the URL: plain JavaScript even where WebAssembly SIMD runs (for comparison)
 const plainJs = new URLSearchParams(location.search).get("engine") === "js";
 
 function makeHeap(bytes) {
   heap = null;
   heapUsed = 16;
-  wasmMatvec = null;
+  wasmMatvec = wasmMatvec4 = null;
   if (plainJs || typeof WebAssembly === "undefined" || !WebAssembly.validate(WASM_MATVEC)) return;
   try {
     const memory = new WebAssembly.Memory({ initial: Math.ceil(bytes / 65536) });
     const module = new WebAssembly.Module(WASM_MATVEC);
-    wasmMatvec = new WebAssembly.Instance(module, { env: { mem: memory } }).exports.matvec;
+    ({ matvec: wasmMatvec, matvec4: wasmMatvec4 } =
+      new WebAssembly.Instance(module, { env: { mem: memory } }).exports);
     heap = memory.buffer;
   } catch (err) { // e.g. no memory that large: plain JavaScript
     console.warn("WebAssembly unavailable, plain JavaScript:", err);
@@ -159,7 +201,8 @@ const engine = () => (wasmMatvec ? "WebAssembly SIMD" : "JavaScript");
 // out[r] = b[r] + sum_c W[r, c] x[c] for a row-major (rows, cols) W; b may be null
 function matvec(W, b, x, rows, cols, out) {
   if (wasmMatvec && inHeap(W) && inHeap(x) && inHeap(out) && (!b || inHeap(b))) {
-    wasmMatvec(W.byteOffset, b ? b.byteOffset : 0, x.byteOffset, out.byteOffset, rows, cols);
+    const run = rows % 4 === 0 && cols % 4 === 0 ? wasmMatvec4 : wasmMatvec;
+    run(W.byteOffset, b ? b.byteOffset : 0, x.byteOffset, out.byteOffset, rows, cols);
     return out;
   }
   for (let r = 0, o = 0; r < rows; r++, o += cols) {
@@ -424,7 +467,7 @@ function describe(meta, tensors) {
                   (m.adaptive_cutoffs || []).length && m.kind !== "rnn_scratch"
                     ? `adaptive cutoffs ${JSON.stringify(m.adaptive_cutoffs)}` : ""]
                  .filter(Boolean).join(", ");
-  return `<b>${(c.run && c.run.name) || "model"}</b>: ${m.kind}, ${layers} layer(s) of ` +
+  return `${(c.run && c.run.name) || "model"}: ${m.kind}, ${layers} layer(s) of ` +
          `${m.hidden_size}${extras ? " (" + extras + ")" : ""}, ${params.toLocaleString("en")} ` +
          `parameters, ${meta.vocab_size} characters; trained on ${corpus}, ${meta.step} steps; ` +
          `${bpc}.`;
@@ -440,7 +483,11 @@ async function load() {
     throw new Error(`model.safetensors has ${model.vocabSize} outputs, config.json ` +
                     `${meta.vocab.length} characters`);
   }
-  $("model").innerHTML = describe(meta, tensors);
+  $("model").textContent = describe(meta, tensors); // text: nothing in config.json runs
+  // a few steps now, so that the browser has compiled the WebAssembly in its optimizing
+  // tier (it starts with a quick baseline) before the first generation
+  const state = model.init();
+  for (let i = 0; i < 40; i++) model.step(i % model.vocabSize, state);
   document.title = `lyrics-rnn: ${(meta.config.run || {}).name || meta.model.kind}`;
   return { model, meta, vocab: meta.vocab, stoi: new Map(meta.vocab.map((c, i) => [c, i])) };
 }
@@ -517,7 +564,8 @@ async function generate() {
     (s.temperature > 0 ? `temperature ${s.temperature}, top-k ${s.topK || "all"}, seed ${s.seed}`
                        : "greedy") + `, ${engine()}` + (stopped ? ", stopped" : "");
   const link = document.createElement("a");
-  link.href = link.textContent = shareLink(s);
+  link.href = shareLink(s);
+  link.textContent = decodeURIComponent(link.href); // readable: 分开, not %E5%88%86
   $("share").append("link to this sample: ", link);
   window.lastRun = { text: s.prefix + text, generated: made, seconds, rate, engine: engine() };
   out.dataset.state = "done";
