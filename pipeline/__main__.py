@@ -59,6 +59,14 @@ def _load_model(path: str, device: str = "cpu"):
 
 
 def cmd_generate(args) -> int:
+    if args.onnx:
+        from .onnxstep import generate_onnx
+
+        for k in range(args.num_samples):
+            seed = None if args.seed is None else args.seed + k
+            how = (args.length, args.temperature or 0.0, args.top_k or 0, seed)
+            print(generate_onnx(args.checkpoint, args.prefix, *how))
+        return 0
     from .generate import generate
 
     model, vocab, cfg, _ = _load_model(args.checkpoint, args.device)
@@ -138,9 +146,19 @@ def cmd_prepare(args) -> int:
 
 def cmd_export(args) -> int:
     from .export import export
+    from .onnxstep import OnnxMismatch
 
-    out = export(args.checkpoint, args.out)
-    print(f"exported '{args.checkpoint}' to '{out}' (model.safetensors, config.json, README.md)")
+    try:
+        out = export(args.checkpoint, args.out, web=args.web, onnx=args.onnx)
+    except OnnxMismatch as err:  # a bug in an exporter or a runtime: not written
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 1
+    files = ["model.safetensors", "config.json", "README.md"]
+    files += ["index.html", "lyrics.js"] if args.web else []
+    files += ["model.onnx"] if args.onnx else []
+    print(f"exported '{args.checkpoint}' to '{out}' ({', '.join(files)})")
+    if args.web:
+        print(f"the page: python -m http.server -d {out} 8000, then open http://127.0.0.1:8000/")
     return 0
 
 
@@ -200,6 +218,11 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--num-samples", type=positive(int), default=1)
     g.add_argument("--device", default="cpu")
+    g.add_argument(
+        "--onnx",
+        action="store_true",
+        help="run the exported folder's model.onnx with onnxruntime (no PyTorch model)",
+    )
     g.set_defaults(fn=cmd_generate)
 
     e = sub.add_parser("eval", help="loss, perplexity and bits/char over a whole split")
@@ -227,6 +250,14 @@ def parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="write a Hugging Face model folder from a checkpoint")
     x.add_argument("--checkpoint", required=True)
     x.add_argument("--out", required=True, help="the folder to write (created)")
+    x.add_argument(
+        "--web",
+        action="store_true",
+        help="add index.html + lyrics.js: generation in a browser from the folder's files",
+    )
+    x.add_argument(
+        "--onnx", action="store_true", help="add model.onnx (one step), checked with onnxruntime"
+    )
     x.set_defaults(fn=cmd_export)
 
     c = sub.add_parser("compare", help="table and plot of runs from their metrics.jsonl")

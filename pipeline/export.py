@@ -24,6 +24,8 @@ from .vocab import Vocab
 
 FORMAT = 1  # config.json's "lyrics_rnn_format"
 WEIGHTS, CONFIG, CARD = "model.safetensors", "config.json", "README.md"
+WEB_DIR = Path(__file__).parent / "web"  # the page `--web` copies into the folder
+WEB_FILES = ("index.html", "lyrics.js")
 
 
 def load_any(path: str | Path, device="cpu"):
@@ -79,8 +81,15 @@ def _read_config(folder: Path) -> dict:
     return meta
 
 
-def export(checkpoint: str | Path, out: str | Path, sample_length: int = 80) -> Path:
-    """Write the folder `out` (created; files of an earlier export replaced)."""
+def export(
+    checkpoint: str | Path,
+    out: str | Path,
+    sample_length: int = 80,
+    web: bool = False,
+    onnx: bool = False,
+) -> Path:
+    """Write the folder `out` (created; an earlier export's files replaced or removed); `web`
+    adds the page (index.html, lyrics.js), `onnx` model.onnx, checked against the model."""
     from safetensors.torch import save_model
 
     from .generate import samples
@@ -114,11 +123,20 @@ def export(checkpoint: str | Path, out: str | Path, sample_length: int = 80) -> 
         prefixes=cfg.generate.prefixes[:1] or [first], length=sample_length
     )
     (_, sample), *_ = samples(model, vocab, gcfg, cfg.train.seed, "cpu")
-    (out / CARD).write_text(model_card(meta, cfg, sample), encoding="utf-8")
+    from .onnxstep import ONNX_FILE, export_onnx
+
+    for name in (*WEB_FILES, ONNX_FILE):  # an earlier export's, which may not fit these weights
+        (out / name).unlink(missing_ok=True)
+    if onnx:
+        print(export_onnx(model, vocab, cfg, out))
+    if web:
+        for name in WEB_FILES:
+            (out / name).write_bytes((WEB_DIR / name).read_bytes())
+    (out / CARD).write_text(model_card(meta, cfg, sample, web, onnx), encoding="utf-8")
     return out
 
 
-def model_card(meta: dict, cfg, sample: str) -> str:
+def model_card(meta: dict, cfg, sample: str, web: bool = False, onnx: bool = False) -> str:
     from huggingface_hub import ModelCardData
 
     from .metrics import LN2, perplexity
@@ -174,4 +192,31 @@ python -m pipeline eval --checkpoint model --split validation   # needs the corp
 
 `model.safetensors` holds the weights, `config.json` the model config, the vocabulary and
 the resolved training config.
+{_web_section() if web else ""}{_onnx_section() if onnx else ""}"""
+
+
+def _web_section() -> str:
+    return """
+## In a browser
+
+`index.html` and `lyrics.js` generate from this folder's own files in any browser, with
+nothing installed and nothing fetched from elsewhere. Serve the folder and open the page:
+
+```bash
+python -m http.server -d model 8000     # then open http://127.0.0.1:8000/
+```
+
+A link can carry a sample: `http://127.0.0.1:8000/?prefix=分开&length=100` generates on load
+(greedy unless it also gives `temperature`, `top_k` and `seed`).
+"""
+
+
+def _onnx_section() -> str:
+    from .onnxstep import ONNX_FILE, describe_io
+
+    return f"""
+## ONNX
+
+`{ONNX_FILE}` is one step of the model for any ONNX runtime: {describe_io()}
+`python -m pipeline generate --checkpoint model --onnx --prefix 分开` runs it with onnxruntime.
 """
