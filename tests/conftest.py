@@ -332,3 +332,24 @@ def assert_same_params_across_world_sizes(a: dict, b: dict) -> None:
     (one step moves an element by about lr at most)."""
     l2, mx = param_diffs(a, b)
     assert l2 < 3e-5 and mx < 1e-2, f"||a-b||/||a|| = {l2:.2e}, max|a-b|/max|a| = {mx:.2e}"
+
+
+def kernels_run(kind: str, amp: str, device: str = "cpu") -> bool:
+    """Whether this machine's kernels run a `kind` model under `amp` (oneDNN has no bf16 or
+    fp16 LSTM on a CPU without native bf16: there the trainer refuses, exit 2)."""
+    from pipeline.amp import Amp
+    from pipeline.config import ConfigError
+    from pipeline.model import ScratchRNN, TorchRNN
+    from pipeline.step import check_precision_runs
+
+    if device == "cuda" and not torch.cuda.is_available():
+        return False
+    if device == "cuda" and amp == "bf16" and not torch.cuda.is_bf16_supported():
+        return False
+    model = ScratchRNN(10, 8) if kind == "rnn_scratch" else TorchRNN(kind, 10, 8)
+    model.to(device)
+    try:
+        check_precision_runs(model, Amp(amp, torch.device(device)), torch.device(device), 10)
+    except ConfigError:
+        return False
+    return True

@@ -12,15 +12,13 @@ import shutil
 
 import pytest
 import torch
-from conftest import TINY, load_ckpt, run_cli, sub_env, torchrun
+from conftest import TINY, kernels_run, load_ckpt, run_cli, sub_env, torchrun
 
 from pipeline.__main__ import main
 from pipeline.amp import Amp
-from pipeline.config import ConfigError
 from pipeline.model import TorchRNN
 from pipeline.optim import build_optimizer
 from pipeline.resume import load_into
-from pipeline.step import check_precision_runs
 from pipeline.train import PREEMPTED_EXIT
 
 BASE = [*TINY, "data.max_chars=1200", "train.epochs=5", "train.threads=1"]
@@ -32,19 +30,6 @@ PRECISIONS = ["off", "bf16", "fp16"]
 
 def train(run_dir, *overrides) -> int:
     return main(["train", *BASE, f"run.dir={run_dir}", *overrides])
-
-
-def runs_here(kind: str, amp: str, device: str) -> bool:
-    """Whether this machine's kernels run `kind` under `amp` (a CPU without native bf16 has
-    no oneDNN LSTM in bf16 or fp16)."""
-    if device == "cuda" and amp == "bf16" and not torch.cuda.is_bf16_supported():
-        return False
-    model = TorchRNN(kind, 10, 8).to(device) if kind != "rnn_scratch" else None
-    try:
-        check_precision_runs(model, Amp(amp, torch.device(device)), torch.device(device), 10)
-    except ConfigError:
-        return False
-    return True
 
 
 # ---------------------------------------------------------------- precision and device
@@ -80,7 +65,7 @@ def test_a_checkpoint_resumes_in_every_precision_and_device(
     saved as such, a bf16 run's checkpoint crashed a resume in fp32 (dtype mismatch in the
     kernel). States are carried and saved in fp32 now, whatever the precision."""
     for a, d in ((saved_amp, saved_dev), (amp, dev)):
-        if not runs_here(kind, a, d):
+        if not kernels_run(kind, a, d):
             pytest.skip(f"this {d} has no {kind} kernel in {a} (see check_precision_runs)")
     run_dir = tmp_path / "run"
     shutil.copytree(saved_in(kind, saved_amp, saved_dev), run_dir)
@@ -108,7 +93,7 @@ def test_a_checkpoint_with_half_precision_states_resumes_in_fp32(saved_in, tmp_p
 
 
 def test_a_precision_the_kernels_cannot_run_is_exit_2_naming_train_amp(tmp_path, capsys):
-    if runs_here("lstm", "bf16", "cpu"):
+    if kernels_run("lstm", "bf16", "cpu"):
         pytest.skip("this CPU runs an LSTM in bf16 (native bf16)")
     assert train(tmp_path, "model.kind=lstm", "train.amp=bf16", "train.max_steps=2") == 2
     err = capsys.readouterr().err.strip().splitlines()
