@@ -50,7 +50,7 @@ class Preempted(Exception):
 
 def run(cfg: Config) -> dict:
     """Train on this process' rank. Returns the final metrics (rank 0's view = global)."""
-    ctx = dist.init(cfg.train.device, cfg.train.threads)
+    ctx = dist.init(cfg.train.device, cfg.train.threads, backend=cfg.dist.backend)
     try:
         return Trainer(cfg, ctx).fit()
     except BaseException as err:
