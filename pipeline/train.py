@@ -24,6 +24,7 @@ from . import config as config_mod
 from .budget import TimeBudget
 from .config import Config
 from .corpus import load_corpus
+from .flops import Perf
 from .generate import samples
 from .metrics import TrainAccumulator
 from .model import build_model
@@ -127,6 +128,7 @@ class Trainer:
         budget = tcfg.time_budget if not (tcfg.schedule_steps or tcfg.schedule_plans) else 0
         self.cap = self.total_steps = tcfg.max_steps or tcfg.epochs * self.streams.epoch_size
         self.state = self._resume(budget > 0)  # the precision decided too (self.amp)
+        self.perf = Perf(self.model, self.streams, self.amp.mode, ctx)  # FLOPs/token, MFU
         self.train_model = DDP(self.model) if ctx.distributed else self.model  # after loading
         if tcfg.compile:
             self.train_model = torch.compile(self.train_model)
@@ -331,6 +333,7 @@ class Trainer:
             "precision": self.amp.mode,  # the one used: train.amp=auto resolved
             "time/elapsed_s": self.elapsed(),
         }
+        self.last_train.update(self.perf.metrics(self.last_train["perf/tokens_per_s"]))
         if self.amp.mode == "fp16":
             self.last_train["amp/scale"] = self.amp.scaler.get_scale()
         if ctx.device.type == "cuda":  # the allocator's counter: no device sync
