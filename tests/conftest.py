@@ -60,6 +60,38 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason=reason))
 
 
+def _missing_package(text: str) -> str | None:
+    """The top-level package a ModuleNotFoundError names, unless it is the project's own."""
+    import re
+
+    found = re.search(r"ModuleNotFoundError: No module named '([\w.]+)'", text)
+    name = found.group(1).split(".")[0] if found else None
+    return None if name in (None, "pipeline", "bench", "conftest", "tests") else name
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    """A test module that imports a package this machine lacks (an optional extra, a dev
+    tool) is skipped, naming the package, instead of failing the collection."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and (name := _missing_package(str(report.longrepr))):
+        report.outcome = "skipped"
+        report.longrepr = (str(collector.path), 0, f"Skipped: needs the package '{name}'")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """The same for a test that imports such a package as it runs."""
+    outcome = yield
+    report = outcome.get_result()
+    if call.excinfo is not None and call.excinfo.errisinstance(ModuleNotFoundError):
+        name = _missing_package(f"ModuleNotFoundError: {call.excinfo.value}")
+        if name:
+            report.outcome = "skipped"
+            report.longrepr = (str(item.path), 0, f"Skipped: needs the package '{name}'")
+
+
 @pytest.fixture(autouse=True)
 def _isolated_env(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))

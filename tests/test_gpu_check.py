@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
-from conftest import TINY
+from conftest import ROOT, TINY, sub_env
 
 from bench import gpu_check
 from pipeline.__main__ import main
@@ -118,3 +121,23 @@ def test_the_command_exits_1_and_records_the_failure(good_run, tmp_path, capsys)
     assert code == 1 and "FAIL (bad): metric 'opt/nonfinite_steps'" in capsys.readouterr().out
     data = json.loads(results.read_text())
     assert data["run_off"]["passed"] and not data["bad"]["passed"]
+
+
+@pytest.mark.slow
+def test_a_test_needing_a_missing_package_skips_naming_it(tmp_path):
+    """On a machine with only torch and the project's packages (gpu_check.sh), a test that
+    imports something else skips, naming it (tests/conftest.py's hooks)."""
+    (tmp_path / "test_needs.py").write_text(
+        "import not_installed_pkg_a\n\ndef test_a():\n    pass\n", encoding="utf-8"
+    )
+    (tmp_path / "test_inside.py").write_text(
+        "def test_b():\n    import not_installed_pkg_b.sub\n\ndef test_c():\n    pass\n",
+        encoding="utf-8",
+    )
+    env = sub_env(PYTHONPATH=f"{ROOT / 'tests'}{os.pathsep}{ROOT}")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "conftest", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "needs the package 'not_installed_pkg_a'" in proc.stdout
+    assert "needs the package 'not_installed_pkg_b'" in proc.stdout
+    assert "1 passed, 2 skipped" in proc.stdout
