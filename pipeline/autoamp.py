@@ -40,6 +40,7 @@ MODES = ("off", "bf16", "fp16")
 PREFER = MODES  # among the near-fastest: fp32 (no rounding), bf16 (no loss scale), fp16
 SLACK = 0.05  # never choose a precision more than 5% slower than the fastest one tried
 WARMUP, ROUNDS, STEPS = 2, 3, 3  # per candidate: untimed steps, then alternating timed rounds
+DROP = 0.5  # a candidate under half the best rate after a round is timed no further
 NAMES = {"off": "fp32", "bf16": "bf16", "fp16": "fp16"}
 
 
@@ -146,7 +147,8 @@ def measure(modes: list[str], model, tcfg, streams, device, first_stream: int) -
     """Tokens/s of training steps per mode, on copies (the run's model, optimizer and RNG
     states are untouched): WARMUP untimed steps each, then ROUNDS rounds in alternating
     order of STEPS steps each (load from elsewhere hits every mode alike); medians. A mode
-    whose steps raise (oneDNN has no bf16 LSTM on CPUs without AVX-512) gets the error's
+    under DROP x the best after a round is not timed further (it cannot come within 5%:
+    emulated bf16 on a CPU costs one round, not three). A mode whose steps raise (oneDNN has no bf16 LSTM on CPUs without AVX-512) gets the error's
     first line instead of a rate."""
     with kept_rng(device):
         runs = {}
@@ -178,13 +180,16 @@ def measure(modes: list[str], model, tcfg, streams, device, first_stream: int) -
             except RuntimeError as err:
                 failed[mode] = str(err).splitlines()[0][:120]
         modes = [m for m in modes if m not in failed]
+        active = list(modes)
         for r in range(ROUNDS):
-            for mode in modes if r % 2 == 0 else modes[::-1]:
+            for mode in active if r % 2 == 0 else active[::-1]:
                 _sync(device)
                 t0 = time.perf_counter()
                 tokens = steps(mode, STEPS, WARMUP + r * STEPS)
                 _sync(device)
                 rates[mode].append(tokens / max(time.perf_counter() - t0, 1e-9))
+            best = max(statistics.median(rates[m]) for m in active)
+            active = [m for m in active if statistics.median(rates[m]) >= DROP * best]
     return {**{m: statistics.median(rates[m]) for m in modes}, **failed}
 
 

@@ -92,6 +92,30 @@ def test_a_candidate_that_cannot_run_here_is_not_chosen(tmp_path, monkeypatch):
     assert "bf16 failed (could not create a primitive descriptor)" in line and "fp32 " in line
 
 
+def test_a_far_slower_candidate_is_timed_one_round_only(tmp_path, monkeypatch):
+    """Emulated bf16 (here: a sleep per bf16 step) costs WARMUP + one round of steps, not
+    WARMUP + ROUNDS rounds: under half the best rate it cannot come within 5%."""
+    import time
+
+    monkeypatch.setenv("PIPELINE_NATIVE_BF16", "1")
+    steps = {"off": 0, "bf16": 0}
+
+    class Slow(Amp):
+        def autocast(self):
+            steps[self.mode] += 1
+            if self.mode == "bf16":
+                time.sleep(0.2)
+            return super().autocast()
+
+    monkeypatch.setattr(autoamp, "Amp", Slow)
+    cfg = cfg_for(tmp_path, "run", "train.amp=auto")
+    train_mod.run(cfg)
+    assert load_ckpt(cfg.run.dir)["precision"] == "off"
+    w, r, s = autoamp.WARMUP, autoamp.ROUNDS, autoamp.STEPS
+    assert steps["bf16"] == w + s  # warm-up and one round
+    assert steps["off"] >= w + r * s  # every round (and the run's own steps after)
+
+
 # ---------------------------------------------------------------- the probe leaves the run alone
 
 
