@@ -24,7 +24,10 @@ MODEL = ["model.kind=gru", "model.dropout=0.3", "train.optimizer=adam", "train.l
 
 
 def cfg_for(tmp_path, name: str, *extra: str) -> config.Config:
-    args = [*TINY, *MODEL, "train.threads=1", "train.max_steps=6", f"run.dir={tmp_path / name}"]
+    """On the CPU on any machine: its candidates, its bitwise promise (tests/test_gpu.py
+    trains with amp=auto on CUDA)."""
+    args = [*TINY, *MODEL, "train.threads=1", "train.max_steps=6", "train.device=cpu"]
+    args.append(f"run.dir={tmp_path / name}")
     return config.load(None, [*args, *extra])
 
 

@@ -142,7 +142,7 @@ def test_gpus_in_use_and_mfu():
 
 
 def test_a_cpu_run_logs_flops_per_token_and_no_mfu(tmp_path):
-    cfg = config.load(None, [*TINY, "train.max_steps=4", "train.log_every=2"])
+    cfg = config.load(None, [*TINY, "train.device=cpu", "train.max_steps=4", "train.log_every=2"])
     cfg.run.dir = str(tmp_path / "run")
     train_mod.run(cfg)
     events = metrics(cfg.run.dir, "train/loss")

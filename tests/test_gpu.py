@@ -167,3 +167,28 @@ def test_export_of_a_cuda_trained_checkpoint(tmp_path, capsys):
     assert a == capsys.readouterr().out and a.startswith("分开")
     meta = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     assert meta["step"] == saved["step"]
+
+
+def test_amp_auto_measures_on_cuda_and_leaves_the_run_alone(tmp_path):
+    """amp=auto on CUDA: fp32, bf16 (where supported) and fp16 measured; the choice within 5%
+    of the fastest and kept; the run equals the run with that precision set explicitly
+    (CUDA kernels are deterministic here, as straight == straight shows above; compared to
+    float rounding all the same, which is all CUDA promises)."""
+    args = [*LSTM, "train.device=cuda", "train.max_steps=12", "train.optimizer=adamw"]
+    train(tmp_path / "auto", *args, "train.amp=auto")
+    chosen = load_ckpt(tmp_path / "auto")["precision"]
+    kept = list((tmp_path / "cache" / "amp_auto").glob("*.json"))
+    assert len(kept) == 1
+    record = json.loads(kept[0].read_text())
+    rates = record["tokens_per_s"]
+    assert record["mode"] == chosen and rates[chosen] >= 0.95 * max(rates.values())
+    assert {"off", "fp16"} <= set(rates) | set(record["failed"])
+    head = (tmp_path / "auto" / "config.yaml").read_text(encoding="utf-8").splitlines()[1]
+    assert "measured in" in head
+    train(tmp_path / "explicit", *args, f"train.amp={chosen}")
+    a, b = load_ckpt(tmp_path / "auto"), load_ckpt(tmp_path / "explicit")
+    for key, tensor in a["model"].items():
+        torch.testing.assert_close(tensor, b["model"][key], rtol=1e-5, atol=1e-6)
+    train(tmp_path / "again", *args, "train.amp=auto")
+    head = (tmp_path / "again" / "config.yaml").read_text(encoding="utf-8").splitlines()[1]
+    assert head.endswith(f"kept; {kept[0]})")

@@ -17,7 +17,7 @@ from conftest import ROOT, TINY, sub_env
 from bench import gpu_check
 from pipeline.__main__ import main
 
-ARGS = [*TINY, "train.threads=1", "train.optimizer=adam", "train.lr=0.01"]
+ARGS = [*TINY, "train.device=cpu", "train.threads=1", "train.optimizer=adam", "train.lr=0.01"]
 ARGS += ["model.hidden_size=64", "data.valid_fraction=0.1", "logging.progress=off"]
 MIN_DROP = 0.05  # these 4 epochs of a small CPU run lower the loss by ~6% (the script: 20%)
 
