@@ -25,6 +25,7 @@ def cpu_has_native_bf16() -> bool:
 
 
 def resolve(mode: str, device: torch.device) -> str:
+    """A static guess for `auto` (eval, generate); training measures (pipeline.autoamp)."""
     if mode != "auto":
         return mode
     if device.type == "cuda":
@@ -33,8 +34,9 @@ def resolve(mode: str, device: torch.device) -> str:
 
 
 class Amp:
-    def __init__(self, mode: str, device: torch.device):
+    def __init__(self, mode: str, device: torch.device, choice=None):
         self.mode = resolve(mode, device)
+        self.choice = choice  # how train.amp resolved (pipeline.autoamp.Choice), if known
         self.device_type = device.type
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.mode)
         # Disabled scaler: scale() returns the loss, unscale_() and update() do nothing,

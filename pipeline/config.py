@@ -124,6 +124,11 @@ class TrainConfig:
 
 
 @dataclass
+class DistConfig:
+    backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo (ranks may share a GPU)
+
+
+@dataclass
 class EvalConfig:
     batch_size: int = 16  # global number of validation streams
     num_steps: int = 0  # chunk length while carrying state (0 = train.num_steps)
@@ -162,6 +167,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -178,6 +184,7 @@ CHOICES = {
     "train.schedule": ("constant", "cosine", "linear"),
     "train.amp": ("off", "bf16", "fp16", "auto"),
     "train.device": ("auto", "cpu", "cuda"),
+    "dist.backend": ("auto", "nccl", "gloo"),
     "logging.wandb.mode": ("auto", "online", "offline", "disabled"),
     "logging.wandb.log_model": ("off", "end", "all"),
     "logging.progress": ("auto", "bar", "lines", "off"),

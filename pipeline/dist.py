@@ -68,6 +68,26 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def choose_backend(requested: str, device_type: str, local_ranks: int, gpus: int) -> str:
+    """dist.backend for a group of `local_ranks` ranks on this node with `gpus` visible GPUs:
+    auto is nccl on CUDA, gloo on the CPU. NCCL needs a GPU of its own per rank (two ranks
+    on one device fail or hang inside NCCL); gloo takes CUDA tensors too, so ranks can
+    share a GPU. Raises ConfigError (exit 2) where the request cannot work."""
+    backend = requested if requested != "auto" else ("nccl" if device_type == "cuda" else "gloo")
+    if backend == "nccl" and device_type != "cuda":
+        raise ConfigError(
+            "config key 'dist.backend': nccl needs CUDA, but the device is the CPU "
+            "(train.device); use dist.backend=gloo (or auto)"
+        )
+    if backend == "nccl" and local_ranks > gpus:
+        raise ConfigError(
+            f"config key 'dist.backend': {local_ranks} ranks on this node but {gpus} GPU(s) "
+            f"visible, and NCCL needs one GPU per rank; launch torchrun "
+            f"--nproc_per_node={gpus}, or set dist.backend=gloo to let ranks share a GPU"
+        )
+    return backend
+
+
 def _restart_store(timeout: timedelta):
     """torch 2.13's elastic agent shares its TCPStore with the workers, so restarted workers
     can read the previous attempt's gloo peer addresses ("Gloo connectFullMesh failed").
@@ -88,7 +108,9 @@ def _restart_store(timeout: timedelta):
     return dist.PrefixStore(f"{run_id}/restart_{restart}", store)
 
 
-def init(device: str = "auto", threads: int = 0, timeout_s: float = 1800) -> DistContext:
+def init(
+    device: str = "auto", threads: int = 0, timeout_s: float = 1800, backend: str = "auto"
+) -> DistContext:
     world_size = _env_int("WORLD_SIZE", 1)
     ctx = DistContext(
         rank=_env_int("RANK", 0),
@@ -97,11 +119,12 @@ def init(device: str = "auto", threads: int = 0, timeout_s: float = 1800) -> Dis
         local_world_size=_env_int("LOCAL_WORLD_SIZE", 1),
     )
     ctx.device = pick_device(device, ctx.local_rank)
+    gpus = torch.cuda.device_count() if ctx.device.type == "cuda" else 0
+    backend = choose_backend(backend, ctx.device.type, ctx.local_world_size, gpus)
     if "OMP_NUM_THREADS" not in os.environ or threads:
         n = threads or max(1, (os.cpu_count() or 1) // ctx.local_world_size)
         torch.set_num_threads(n)
     if world_size > 1 and not dist.is_initialized():
-        backend = "nccl" if ctx.device.type == "cuda" else "gloo"
         timeout = timedelta(seconds=timeout_s)
         store = _restart_store(timeout)
         kwargs = dict(backend=backend, timeout=timeout)

@@ -24,6 +24,7 @@ class RunRecord:
     world_size: int
     device: str  # cpu | cuda
     precision: str  # the precision actually used (train.amp=auto resolved on this machine)
+    precision_choice: dict  # how train.amp resolved (pipeline.autoamp.Choice.summary)
     resume_step: int  # the step the run goes on from (0: a fresh start)
     restarted: bool  # an elastic restart of the job
     hold: bool  # periodic checkpoints: wandb events wait for the next one

@@ -17,14 +17,14 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from . import autoamp, dist, faults, resume, rundir
 from . import budget as budget_mod
 from . import checkpoint as ckpt
 from . import config as config_mod
-from . import dist, faults, resume, rundir
-from .amp import Amp
 from .budget import TimeBudget
 from .config import Config
 from .corpus import load_corpus
+from .flops import Perf
 from .generate import samples
 from .metrics import TrainAccumulator
 from .model import build_model
@@ -50,7 +50,7 @@ class Preempted(Exception):
 
 def run(cfg: Config) -> dict:
     """Train on this process' rank. Returns the final metrics (rank 0's view = global)."""
-    ctx = dist.init(cfg.train.device, cfg.train.threads)
+    ctx = dist.init(cfg.train.device, cfg.train.threads, backend=cfg.dist.backend)
     try:
         return Trainer(cfg, ctx).fit()
     except BaseException as err:
@@ -120,8 +120,6 @@ class Trainer:
         torch.manual_seed(tcfg.seed)  # the initial parameters: alike on every rank
         self.model = build_model(cfg.model, len(self.vocab)).to(ctx.device)
         self.params = list(self.model.parameters())
-        self.amp = Amp(tcfg.amp, ctx.device)
-        check_precision_runs(self.model, self.amp, ctx.device, len(self.vocab))
         self.optimizer = build_optimizer(tcfg, self.model)
         self.guard = NonFiniteGuard(tcfg.nonfinite_patience, ctx.device)
         self.faults = faults.from_env(ctx.rank, self.model)
@@ -129,7 +127,8 @@ class Trainer:
         # run's config.yaml); the cap stays the user's even when a resume adopts the plans.
         budget = tcfg.time_budget if not (tcfg.schedule_steps or tcfg.schedule_plans) else 0
         self.cap = self.total_steps = tcfg.max_steps or tcfg.epochs * self.streams.epoch_size
-        self.state = self._resume(budget > 0)
+        self.state = self._resume(budget > 0)  # the precision decided too (self.amp)
+        self.perf = Perf(self.model, self.streams, self.amp.mode, ctx)  # FLOPs/token, MFU
         self.train_model = DDP(self.model) if ctx.distributed else self.model  # after loading
         if tcfg.compile:
             self.train_model = torch.compile(self.train_model)
@@ -154,6 +153,13 @@ class Trainer:
         LR plans (and plans again with what is left)."""
         found = resume.find(self.cfg, self.run_dir, self.ctx.is_main, self.log)
         resume.check_agreed(found, self.run_dir)
+        # train.amp=auto: the checkpoint's precision where this machine has it, else
+        # measured (or kept) on rank 0; every rank uses one precision
+        saved = found[1] if found else None
+        self.amp = autoamp.for_run(
+            self.cfg, self.ctx, self.model, self.streams, len(self.vocab), saved
+        )
+        check_precision_runs(self.model, self.amp, self.ctx.device, len(self.vocab))
         if not found:
             return TrainState()
         path, saved = found
@@ -186,6 +192,7 @@ class Trainer:
             world_size=ctx.world_size,
             device=ctx.device.type,
             precision=self.amp.mode,
+            precision_choice=self.amp.choice.summary(),
             resume_step=s.step,
             restarted=restarted,
             hold=cfg.train.checkpoint_every > 0,
@@ -194,7 +201,8 @@ class Trainer:
         self.log(
             f"{cfg.model.kind}: {sum(p.numel() for p in self.params):,} parameters, "
             f"vocabulary {len(self.vocab)}, {self.streams.epoch_size} minibatches/epoch, "
-            f"world size {ctx.world_size}, device {ctx.device}, amp {self.amp.mode}"
+            f"world size {ctx.world_size}, device {ctx.device}, "
+            f"precision {self.amp.choice.describe()}"
         )
 
     # ------------------------------------------------------------ the loop
@@ -316,6 +324,7 @@ class Trainer:
         """run.dir/config.yaml: the resolved config, headed by the precision this machine used
         (a comment: train.amp=auto stays auto, so the file reruns as auto elsewhere)."""
         head = f"# precision used: {self.amp.mode} (train.amp={self.cfg.train.amp})\n"
+        head += f"# {self.amp.choice.describe()}\n"
         text = head + config_mod.dump(self.cfg)
         (self.run_dir / "config.yaml").write_text(text, encoding="utf-8")
 
@@ -332,6 +341,7 @@ class Trainer:
             "precision": self.amp.mode,  # the one used: train.amp=auto resolved
             "time/elapsed_s": self.elapsed(),
         }
+        self.last_train.update(self.perf.metrics(self.last_train["perf/tokens_per_s"]))
         if self.amp.mode == "fp16":
             self.last_train["amp/scale"] = self.amp.scaler.get_scale()
         if ctx.device.type == "cuda":  # the allocator's counter: no device sync

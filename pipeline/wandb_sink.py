@@ -102,6 +102,7 @@ class WandbSink:
         ]
         config = flatten(to_dict(cfg))
         config.update(provenance(record.world_size), amp_used=record.precision)
+        config.update(record.precision_choice)  # train.amp=auto: timings, kept or measured
         run = wandb.init(
             project=w.project,
             entity=w.entity or None,

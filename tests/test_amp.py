@@ -262,15 +262,17 @@ def test_reported_grad_norm_is_norm_of_all_reduced_grads():
 # ---------------------------------------------------------------- no host sync per step
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("amp", ["off", "bf16", "fp16"])
-def test_hot_loop_reads_values_only_at_log_intervals(tmp_path, monkeypatch, amp):
+def test_hot_loop_reads_values_only_at_log_intervals(tmp_path, monkeypatch, amp, device):
     """Count host reads of floating/bool tensors (.item(), .tolist(), bool(), float()) during a
     60-step run logging every 20 steps: a per-step read (a device sync on CUDA) would give 60+.
     fp16 included: its fused optimizer takes GradScaler's found_inf on the device (with a
     plain optimizer GradScaler.step reads it with .item() every step). Integer reads are
     counted apart: the non-finite guard's flag at each stop check (every
     train.signal_check_every steps; with several ranks it rides in the stop check's
-    all-reduce) and the finiteness check of each save."""
+    all-reduce) and the finiteness check of each save. On CUDA (a gpu test) every such read
+    is a device sync."""
     from pipeline import config
     from pipeline.train import run
 
@@ -295,6 +297,7 @@ def test_hot_loop_reads_values_only_at_log_intervals(tmp_path, monkeypatch, amp)
             "train.log_every=20",
             "train.epochs=100",
             f"train.amp={amp}",
+            f"train.device={device}",
             "logging.progress=off",
         ],
     )

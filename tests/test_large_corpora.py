@@ -99,9 +99,10 @@ BASE = [*TINY, "data.valid_fraction=0.2", "model.kind=gru", "train.threads=1"]
 
 def test_eval_max_chars_bounds_training_and_the_eval_command(tmp_path, capsys):
     run_dir = tmp_path / "run"
-    assert (
-        main(["train", *BASE, "train.max_steps=4", "eval.max_chars=301", f"run.dir={run_dir}"]) == 0
-    )
+    # train.device=cpu: training's own evaluation is compared with the eval command's (on
+    # the CPU) to 1e-6; on CUDA the two reduce in other orders (seen: rel 1.4e-6 on an H200)
+    args = [*BASE, "train.device=cpu", "train.max_steps=4", "eval.max_chars=301"]
+    assert main(["train", *args, f"run.dir={run_dir}"]) == 0
     val = metrics(run_dir, "val/loss")[-1]
     capsys.readouterr()
     ckpt = str(run_dir / "checkpoints" / "last.pt")

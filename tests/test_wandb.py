@@ -27,7 +27,7 @@ from conftest import (
     wait_until,
 )
 
-from pipeline.amp import resolve
+from pipeline.autoamp import candidates
 from pipeline.progress import Progress
 from pipeline.wandb_history import attempts, history_steps, read_records
 from pipeline.wandb_sink import wandb_mode
@@ -101,10 +101,16 @@ def test_offline_run_holds_config_and_final_summary(offline_run):
     assert run["config"]["model.hidden_size"] == 32  # flattened dotted keys
     assert run["config"]["train.max_steps"] == 12
     assert run["config"]["world_size"] == 1 and "torch_version" in run["config"]
-    # train.amp=auto resolved: bf16 where this CPU has native bf16, else off (fp32)
-    used = resolve("auto", torch.device("cpu"))
+    # train.amp=auto resolved: fp32 where this CPU has no native bf16 (the one candidate),
+    # else measured (pipeline.autoamp); the choice and how it was made in the wandb config
+    used = load_ckpt(run_dir)["precision"]
+    assert used in candidates(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     assert run["config"]["train.amp"] == "auto" and run["config"]["amp_used"] == used
     assert f"amp-{used}" in run["tags"] and "amp-auto" not in run["tags"]
+    source = run["config"]["amp_auto/source"]
+    assert source in ("measured", "only candidate") and (source == "measured") == (
+        f"amp_auto/tokens_per_s/{'fp32' if used == 'off' else used}" in run["config"]
+    )
     head = (run_dir / "config.yaml").read_text(encoding="utf-8").splitlines()[0]
     assert head == f"# precision used: {used} (train.amp=auto)"
 
