@@ -129,6 +129,8 @@ class Trainer:
         budget = tcfg.time_budget if not (tcfg.schedule_steps or tcfg.schedule_plans) else 0
         self.cap = self.total_steps = tcfg.max_steps or tcfg.epochs * self.streams.epoch_size
         self.state = self._resume(budget > 0)
+        if self.faults:
+            self.faults.after_resume()
         self.train_model = DDP(self.model) if ctx.distributed else self.model  # after loading
         if tcfg.compile:
             self.train_model = torch.compile(self.train_model)
