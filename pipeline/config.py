@@ -350,7 +350,7 @@ def _check_value(key: str, kind, value) -> None:
     why = (
         f" ({bad[0]!r} is not {_expected(typing.get_args(kind)[0])})" if bad[0] is not value else ""
     )
-    if isinstance(bad[0], dict) and None in bad[0].values():
+    if isinstance(value, list) and isinstance(bad[0], dict) and None in bad[0].values():
         quoted = [f"'{next(iter(v))}:'" if isinstance(v, dict) else repr(v) for v in value]
         why += f"; quote an element that holds ':', e.g. \"{key}=[{','.join(quoted)}]\""
     raise ConfigError(f"config key '{key}' must be {_expected(kind)}, got {value!r}{why}")
