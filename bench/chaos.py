@@ -34,6 +34,7 @@ import json
 import os
 import random
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -113,13 +114,16 @@ def next_resume(kind: str, step: int, resumed: int) -> int:
 
 
 def schedule(n: int, seed: int, steps: int) -> list[Fault]:
-    """n faults, one to an attempt, each at a step its attempt reaches. Preemptions keep off
+    """n faults, one to an attempt, each at a step its attempt reaches; the kinds in seeded
+    blocks that hold each kind once (20 faults: each kind 2 or 3 times). Preemptions keep off
     the last step and the validation steps (docs/faults.md: a preempted step's validation
     is not done again on resume); write faults fall on a periodic checkpoint."""
     rng = random.Random(seed)
+    kinds: list[str] = []
+    while len(kinds) < n:  # every kind once in each block of len(KINDS), in a seeded order
+        kinds += rng.sample(KINDS, len(KINDS))
     faults, resumed = [], 0
-    for attempt in range(n):
-        kind = rng.choice(KINDS)
+    for attempt, kind in zip(range(n), kinds):
         top = min(resumed + WINDOW, steps)
         if kind in WRITES:
             options = [s for s in range(resumed + 1, top + 1) if s % EVERY == 0]
@@ -177,6 +181,8 @@ class Job:
     run_dir: Path
     status: int  # torchrun's
     seconds: float
+    cpu_seconds: float  # of torchrun and every worker (user + system)
+    load: tuple[float, float]  # the machine's 1-minute load average at the start and the end
     exits: list[dict]  # the workers' records
     log: str
 
@@ -196,15 +202,21 @@ def run_job(root: Path, name: str, steps: int, faults: list[Fault], timeout: flo
     cmd = ["timeout", "-k", "10", str(int(timeout)), TORCHRUN, "--standalone"]
     cmd += ["--nproc_per_node=2", f"--max-restarts={len(faults) + 2}", "--monitor-interval=0.1"]
     cmd += ["-m", "bench.chaos", "worker", str(exits), "train", *config(steps, run_dir)]
-    began = time.monotonic()
+    began, cpu, load = time.monotonic(), _children_cpu(), os.getloadavg()[0]
     with open(root / f"{name}.log", "w", encoding="utf-8") as log:
         status = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    seconds = time.monotonic() - began
+    seconds, cpu = time.monotonic() - began, _children_cpu() - cpu
     records = []
     if exits.exists():
         records = [json.loads(x) for x in exits.read_text(encoding="utf-8").splitlines()]
     text = (root / f"{name}.log").read_text(encoding="utf-8", errors="replace")
-    return Job(run_dir, status.returncode, seconds, records, text)
+    return Job(run_dir, status.returncode, seconds, cpu, (load, os.getloadavg()[0]), records, text)
+
+
+def _children_cpu() -> float:
+    """CPU seconds of the reaped descendants (torchrun reaps its workers, we reap torchrun)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 # ---------------------------------------------------------------- the checks
@@ -367,16 +379,16 @@ def table(faults: list[Fault], job: Job, seed: int) -> str:
 def markdown(result: dict) -> str:
     kinds = {k: sum(f["kind"] == k for f in result["faults"]) for k in KINDS}
     rows = "\n".join(f"| {k} | {v} |" for k, v in kinds.items())
+    same = "bit-identical" if result["passed"] else "DIFFERENT"
     return f"""## Chaos
 
-`python -m bench.chaos --faults {result["n"]} --seed {result["seed"]}` on {result["machine"]},
-{result["date"]}: one 2-rank `torchrun --max-restarts` job of {result["steps"]} steps (2-layer
-LSTM 32 with dropout 0.3 and weight drop 0.2, a checkpoint every {EVERY} steps, every step
+`python -m bench.chaos --faults {result["n"]} --seed {result["seed"]}` ({result["date"]},
+{result["machine"]}): one 2-rank `torchrun --max-restarts` job of {result["steps"]} steps
+(2-layer LSTM 32, dropout 0.3, weight drop 0.2, a checkpoint every {EVERY} steps, every step
 logged, wandb offline) under {result["n"]} faults, one to an attempt, against the same config
-without faults. Result: **{"bit-identical" if result["passed"] else "DIFFERENT"}** (final
-parameters and optimizer state, metrics.jsonl's train and validation events, the wandb
-history, best.pt; no temporary file; every checkpoint loads). What it covers and what it
-cannot: docs/faults.md, "The chaos soak".
+without faults. Result: **{same}** (final parameters and optimizer state, metrics.jsonl's
+train and validation events, the wandb history, best.pt; no temporary file; every checkpoint
+loads). What it covers and what it cannot: [faults.md, "The chaos soak"](faults.md).
 
 | fault | count |
 |---|---|
@@ -388,10 +400,14 @@ cannot: docs/faults.md, "The chaos soak".
 | wall time | {result["straight_s"]:.0f} s | {result["storm_s"]:.0f} s |
 | overhead | | +{result["storm_s"] - result["straight_s"]:.0f} s, \
 {(result["storm_s"] - result["straight_s"]) / max(result["n"], 1):.1f} s a fault |
+| CPU time (all processes) | {result["straight_cpu"]:.0f} s | {result["storm_cpu"]:.0f} s |
 
-Wall times are indicative (a 2-core machine shared with other work); the overhead of a fault
-is mostly a restart: the agent notices the failure, stops the other rank, and two new workers
-import torch, read the prepared data, open wandb and resume.
+Wall times are indicative: the machine was shared with other work (load average
+{result["load"][0]:.1f} at the storm's start, {result["load"][1]:.1f} at its end, on {os.cpu_count()} cores). The CPU time does not depend on that load: on an idle 2-core machine
+the storm's wall time is about its CPU time over 2 (each attempt's two workers start in
+parallel). The overhead of a fault is mostly a restart: the agent notices the failure, stops
+the other rank, and two new workers import torch, read the prepared data, open wandb and
+resume.
 """
 
 
@@ -426,7 +442,9 @@ def main(argv: list[str] | None = None) -> int:
     print(table(faults, storm, args.seed))
     print(
         f"wall time: undisturbed {straight.seconds:.1f} s, storm {storm.seconds:.1f} s "
-        f"(+{storm.seconds - straight.seconds:.1f} s for {len(faults)} faults); torchrun "
+        f"(+{storm.seconds - straight.seconds:.1f} s for {len(faults)} faults); CPU time "
+        f"{straight.cpu_seconds:.0f} s and {storm.cpu_seconds:.0f} s; load average "
+        f"{storm.load[0]:.1f} to {storm.load[1]:.1f} on {os.cpu_count()} cores; torchrun "
         f"exit {storm.status}"
     )
     found = []
@@ -454,6 +472,9 @@ def main(argv: list[str] | None = None) -> int:
             "attempts": len({e["attempt"] for e in storm.exits}),
             "straight_s": straight.seconds,
             "storm_s": storm.seconds,
+            "straight_cpu": straight.cpu_seconds,
+            "storm_cpu": storm.cpu_seconds,
+            "load": storm.load,
             "passed": passed,
             "machine": f"{os.cpu_count()} cores ({platform.machine()})",
             "date": time.strftime("%Y-%m-%d"),
