@@ -9,7 +9,7 @@ PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.installed
 export PIPELINE_DATA_DIR ?= $(abspath ../shared/data)
 
-.PHONY: install train test test-fast bench bench-quality bench-corpora lint format clean
+.PHONY: install train test test-fast bench bench-quality bench-corpora bench-chaos lint format clean
 
 install: $(STAMP)
 
@@ -38,6 +38,9 @@ bench-quality: install
 
 bench-corpora: install
 	$(PY) -m bench.corpora $(ARGS)
+
+bench-chaos: install
+	$(PY) -m bench.chaos --write $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check pipeline tests bench

@@ -102,19 +102,29 @@ def check_space(directory: Path, need: int, what: str) -> None:
         )
 
 
+# Set by pipeline.faults (PIPELINE_FAULTS, tests only): called with the _Writer before each
+# chunk of a checkpoint is written; it may raise an OSError or end the process.
+write_fault = None
+
+
 class _Writer:
     """A file object that keeps the OSError of a failed write: torch.save reports a full
     disk as "unexpected pos ..." from inside its zip writer, and the cause is lost."""
 
-    def __init__(self, f):
+    def __init__(self, f, path: Path, expected: int):
         self.f, self.error = f, None
+        self.path, self.expected, self.written = path, expected, 0  # for write_fault
 
     def write(self, data) -> int:
         try:
-            return self.f.write(data)
+            if write_fault is not None:
+                write_fault(self)
+            n = self.f.write(data)
         except OSError as err:
             self.error = err
             raise
+        self.written += n
+        return n
 
     def flush(self) -> None:
         self.f.flush()
@@ -141,7 +151,7 @@ def save_atomic(state: dict, path: Path) -> None:
     writer = None
     try:
         with os.fdopen(fd, "wb") as f:
-            writer = _Writer(f)
+            writer = _Writer(f, path, need - OVERHEAD_BYTES)
             torch.save(state, writer)
             f.flush()
             os.fsync(f.fileno())

@@ -7,8 +7,10 @@ directory and stored in checkpoints.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -306,6 +308,8 @@ def load(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> C
             raise ConfigError(
                 f"config key '{key}': value {value!r} is not valid YAML: {str(err).splitlines()[0]}"
             ) from None
+    for layer in (*layers[1:], dotlist):
+        check_shapes(OmegaConf.to_container(layer))
     try:
         merged = OmegaConf.merge(*layers, dotlist)
         cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
@@ -353,6 +357,86 @@ def validate(cfg: Config) -> None:
         )
     if len(cfg.train.betas) != 2:
         raise ConfigError("config key 'train.betas' must have two values")
+    check_values(cfg)
+
+
+# Text keys that mean something only when not empty (an empty path is "none" elsewhere).
+REQUIRED_TEXT = ("data.text_field", "data.train_split", "logging.wandb.project", "train.resume")
+_KIND = {str: "string", int: "integer", float: "number", bool: "boolean (true or false)"}
+
+
+def _expected(kind, plural: bool = False) -> str:
+    """'a list of strings', 'a section (a mapping of keys)', ... for a schema type."""
+    if dataclasses.is_dataclass(kind):
+        return "a section (a mapping of keys)"
+    if typing.get_origin(kind) is list:
+        inner = f"of {_expected(typing.get_args(kind)[0], plural=True)}"
+        return f"lists {inner}" if plural else f"a list {inner}"
+    name = _KIND.get(kind, getattr(kind, "__name__", str(kind)))
+    return f"{name}s" if plural else f"an {name}" if name[0] in "aeiou" else f"a {name}"
+
+
+def check_shapes(values: Any, cls: type = Config, prefix: str = "") -> None:
+    """Every value of one layer (a YAML file, the command line's overrides) has the shape
+    its key declares: a section a mapping, a scalar key a scalar (no list, no mapping), a list
+    key a list of scalars (schedule_plans: of lists). Else a ConfigError naming the key, before
+    OmegaConf's merge, which takes a mapping inside a list of strings (a shell dropped the
+    quotes of `generate.prefixes=[ROMEO:]`) or fails with a TypeError. Unknown keys and a
+    scalar of the wrong kind are left to the merge (it names them); None to the schema."""
+    if not isinstance(values, dict):
+        where = f"config key '{prefix.rstrip('.')}'" if prefix else "the configuration"
+        raise ConfigError(f"{where} must be {_expected(cls)}, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    for name, value in values.items():
+        key, kind = f"{prefix}{name}", hints.get(name)
+        if kind is None or value is None:
+            continue
+        if dataclasses.is_dataclass(kind):
+            check_shapes(value, kind, key + ".")
+        else:
+            _check_value(key, kind, value)
+
+
+def _check_value(key: str, kind, value) -> None:
+    """ConfigError when `value` does not have the shape of `kind` (scalars of any kind pass)."""
+    if typing.get_origin(kind) is list:
+        bad = [value] if not isinstance(value, list) else [
+            item for item in value if not _fits(typing.get_args(kind)[0], item)
+        ]  # fmt: skip
+    else:
+        bad = [value] if isinstance(value, (list, dict)) else []
+    if not bad:
+        return
+    why = (
+        f" ({bad[0]!r} is not {_expected(typing.get_args(kind)[0])})" if bad[0] is not value else ""
+    )
+    if isinstance(value, list) and isinstance(bad[0], dict) and None in bad[0].values():
+        quoted = [f"'{next(iter(v))}:'" if isinstance(v, dict) else repr(v) for v in value]
+        why += f"; quote an element that holds ':', e.g. \"{key}=[{','.join(quoted)}]\""
+    raise ConfigError(f"config key '{key}' must be {_expected(kind)}, got {value!r}{why}")
+
+
+def _fits(kind, value) -> bool:
+    if value is None:
+        return True
+    if typing.get_origin(kind) is list:
+        inner = typing.get_args(kind)[0]
+        return isinstance(value, list) and all(_fits(inner, v) for v in value)
+    return not isinstance(value, (list, dict))
+
+
+def check_values(cfg: Config) -> None:
+    """What the types cannot say: text keys that must not be empty, the LR plans' pairs."""
+    for key in REQUIRED_TEXT:
+        if not str(get(cfg, key)).strip():
+            raise ConfigError(f"config key '{key}' must not be empty")
+    if cfg.data.source == "corpus" and not cfg.data.path and not cfg.data.corpus.strip():
+        raise ConfigError("config key 'data.corpus' must name a built-in corpus, got ''")
+    for plan in cfg.train.schedule_plans:
+        if len(plan) != 2:
+            raise ConfigError(
+                f"config key 'train.schedule_plans' must hold [step, horizon] pairs, got {plan}"
+            )
 
 
 def to_dict(cfg: Config) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .noise import GAMMA, fmix64
 from .vocab import Vocab
 
 
@@ -62,14 +63,26 @@ def generate(
     return vocab.decode(ids)
 
 
+SAMPLE_SALT = 0x5A3E1E  # sets the samples' seeds apart from the dropout masks' (pipeline.noise)
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The seed of the sample of generate.prefixes[index] in a run seeded `seed`: a stream of
+    its own for every prefix (two mixes of SplitMix64's finalizer), so prefixes do not share
+    their draws; the same on every rerun and every world size (rank 0 draws them alone)."""
+    return fmix64(fmix64(seed * GAMMA + SAMPLE_SALT) + index * GAMMA)
+
+
 def samples(model: nn.Module, vocab: Vocab, gcfg, seed: int, device) -> list[tuple[str, str]]:
     """(prefix, text) for each of generate.prefixes, as a training run shows them at an
-    evaluation; a prefix the vocabulary cannot take is reported in its text, not raised."""
+    evaluation, each drawn with its own seed (`sample_seed`); a prefix the vocabulary cannot
+    take is reported in its text, not raised."""
     rows = []
-    for prefix in gcfg.prefixes:
+    for i, prefix in enumerate(gcfg.prefixes):
+        own = sample_seed(seed, i)
         try:
             text = generate(
-                model, vocab, prefix, gcfg.length, gcfg.temperature, gcfg.top_k, seed, device
+                model, vocab, prefix, gcfg.length, gcfg.temperature, gcfg.top_k, own, device
             )
         except PrefixError as err:
             text = f"(skipped: {err})"

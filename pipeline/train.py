@@ -128,6 +128,8 @@ class Trainer:
         budget = tcfg.time_budget if not (tcfg.schedule_steps or tcfg.schedule_plans) else 0
         self.cap = self.total_steps = tcfg.max_steps or tcfg.epochs * self.streams.epoch_size
         self.state = self._resume(budget > 0)  # the precision decided too (self.amp)
+        if self.faults:
+            self.faults.after_resume()
         self.perf = Perf(self.model, self.streams, self.amp.mode, ctx)  # FLOPs/token, MFU
         self.train_model = DDP(self.model) if ctx.distributed else self.model  # after loading
         if tcfg.compile:

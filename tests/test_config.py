@@ -15,7 +15,8 @@ import yaml
 from conftest import ROOT, TINY, run_cli
 
 import pipeline.train as train_mod
-from pipeline import config
+from pipeline import config, keys
+from pipeline.__main__ import main
 from pipeline.config import Config, ConfigError
 from pipeline.model import build_model
 
@@ -275,3 +276,100 @@ def test_empty_overrides_through_a_real_shell(tmp_path):
     data = yaml.safe_load(proc.stdout)["data"]
     assert (data["valid_split"], data["test_split"], data["name"]) == ("", "", "")
     assert data["max_chars"] == 0 and yaml.safe_load(proc.stdout)["model"]["adaptive_cutoffs"] == []
+
+
+# ---------------------------------------------------------------- every key, every wrong shape
+
+# For each type in the schema: values of a wrong type, and of a wrong shape (a list where a
+# scalar belongs, a mapping, a mapping or a list inside a list). A type not here fails the walk.
+WRONG = {
+    "str": ["{a: 1}", "[a]", "[{a: 1}]"],
+    "int": ["abc", "1.5", "[1]", "{a: 1}"],
+    "float": ["abc", "[1.0]", "{a: 1}"],
+    "bool": ["maybe", "[true]", "{a: 1}"],
+    "list[str]": ["abc", "{a: 1}", "[{a: 1}]", "[[a]]", "[ROMEO:]"],
+    "list[int]": ["abc", "{a: 1}", "[abc]", "[{a: 1}]", "[[1]]"],
+    "list[float]": ["abc", "{a: 1}", "[x]", "[{a: 1}]", "[[1.0]]"],
+    "list[list[int]]": ["abc", "[1]", "[[x]]", "[[{a: 1}]]", "[[1, 2, 3]]"],
+}
+# Text keys an empty string is wrong for; every other text key takes '' as "none"/default.
+MUST_NOT_BE_EMPTY = {
+    "data.corpus",
+    "data.text_field",
+    "data.train_split",
+    "logging.wandb.project",
+    "train.resume",
+}
+
+
+def _rejected(argv: list[str], key: str, capsys) -> None:
+    assert main(argv) == 2, f"{argv} was accepted"
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert f"'{key}'" in lines[0] or f"'{key}[" in lines[0], err  # [i]: the list's element
+    assert "Traceback" not in err
+
+
+def _yaml(key: str, value: str) -> str:
+    *sections, leaf = key.split(".")
+    text = "".join(f"{'  ' * i}{s}:\n" for i, s in enumerate(sections))
+    return text + f"{'  ' * len(sections)}{leaf}: {value}\n"
+
+
+@pytest.fixture
+def quick_cli(monkeypatch):
+    """main() without building `train --help`'s key table (read from the schema's source)."""
+    monkeypatch.setattr(keys, "help_text", lambda: "")
+
+
+def test_every_key_rejects_a_wrong_type_or_shape_at_load(tmp_path, capsys, quick_cli):
+    """The schema walked key by key, on the command line (every wrong value) and in a YAML
+    file (the first): exit 2, one line naming the key, no traceback (the shell that drops the
+    quotes of `generate.prefixes=['ROMEO:']` passes a mapping inside the list)."""
+    walked = 0
+    for key, kind, _, _ in keys.keys():
+        assert kind in WRONG, f"{key}: no wrong values for type {kind}"
+        for value in WRONG[kind]:
+            _rejected(["train", "--print-config", f"{key}={value}"], key, capsys)
+            walked += 1
+        path = write(tmp_path, _yaml(key, WRONG[kind][0]))
+        _rejected(["train", "--config", path, "--print-config"], key, capsys)
+    assert walked > 3 * len(keys.keys())
+
+
+def test_an_empty_string_is_wrong_only_where_a_value_is_required(capsys, quick_cli):
+    rejected = set()
+    for key, kind, _, _ in keys.keys():
+        if kind != "str":
+            continue
+        if main(["train", "--print-config", f"{key}=''"]) == 2:
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and f"'{key}'" in err[0], err
+            rejected.add(key)
+        capsys.readouterr()
+    assert rejected >= MUST_NOT_BE_EMPTY  # the choice keys name their choices too
+    assert rejected - MUST_NOT_BE_EMPTY == set(config.CHOICES)
+
+
+def test_a_mapping_in_a_list_says_how_to_quote_it():
+    with pytest.raises(ConfigError) as err:
+        config.load(None, ["generate.prefixes=[分开,ROMEO:]"])
+    assert str(err.value) == (
+        "config key 'generate.prefixes' must be a list of strings, got ['分开', {'ROMEO': None}] "
+        "({'ROMEO': None} is not a string); quote an element that holds ':', e.g. "
+        "\"generate.prefixes=['分开','ROMEO:']\""
+    )
+    assert config.load(None, ["generate.prefixes=['ROMEO:']"]).generate.prefixes == ["ROMEO:"]
+
+
+@pytest.mark.slow
+def test_cli_a_dropped_quote_exits_2_without_a_traceback(tmp_path):
+    proc = run_cli(
+        ["train", *TINY, "generate.prefixes=[ROMEO:]", f"run.dir={tmp_path / 'run'}"],
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().startswith("error: config key 'generate.prefixes' must be a list")
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()

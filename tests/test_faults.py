@@ -13,6 +13,7 @@ import copy
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -34,15 +35,16 @@ from conftest import (
 )
 
 from pipeline import checkpoint as ckpt
+from pipeline import faults
 from pipeline.__main__ import main
 from pipeline.amp import Amp
-from pipeline.config import TrainConfig
+from pipeline.config import ConfigError, TrainConfig
 from pipeline.model import ScratchRNN
 from pipeline.nonfinite import NonFiniteGuard
 from pipeline.optim import build_optimizer
 from pipeline.step import train_step
 
-DIVERGED, DISK_FULL, HUNG, BAD_INPUT = 65, 74, 124, 2
+DIVERGED, DISK_FULL, HUNG, BAD_INPUT, PREEMPTED = 65, 74, 124, 2, 75
 BASE = [
     *TINY,
     "data.max_chars=1200",
@@ -435,3 +437,82 @@ def test_one_config_gives_bit_identical_parameters_run_after_run(tmp_path):
         model = load_ckpt(tmp_path / str(i))["model"]
         hashes.add(tuple(hash(model[k].numpy().tobytes()) for k in sorted(model)))
     assert len(hashes) == 1
+
+
+# ---------------------------------------------------------------- faults in any attempt
+
+
+def test_rules_name_their_attempt():
+    spec = "sigkill:1:5@2,sigterm:1:6,sigusr1:1:7@*,nan_loss:0:3-4@1,torn:0:8@3"
+    assert faults.parse(spec, 1, 0).rules == [("sigterm", 6, 6), ("sigusr1", 7, 7)]
+    assert faults.parse(spec, 1, 2).rules == [("sigkill", 5, 5), ("sigusr1", 7, 7)]
+    assert faults.parse(spec, 0, 1).rules == [("nan_loss", 3, 4)]
+    assert faults.parse(spec, 0, 3).rules == [("torn", 8, 8)]
+    for bad, says in (
+        ("sigkill:1:5@x", "is not KIND:RANK:STEP[-LAST][@ATTEMPT]"),
+        ("sigkill:1", "is not KIND:RANK:STEP[-LAST][@ATTEMPT]"),
+        ("oom:1:5", "unknown fault 'oom'"),
+        ("enospc:1:8@1", "enospc is a fault of the checkpoint writer, rank 0"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(says)):
+            faults.parse(bad, 0)
+
+
+WRITES = [*BASE, "train.max_steps=12", "train.checkpoint_every=4", "train.keep_checkpoints=5"]
+
+
+def _attempt(run_dir: Path, spec: str, attempt: int) -> subprocess.CompletedProcess:
+    """One attempt of a job as torchrun's agent would start it (one rank)."""
+    env = sub_env(PIPELINE_FAULTS=spec, TORCHELASTIC_RESTART_COUNT=attempt)
+    return run_cli(["train", *WRITES, f"run.dir={run_dir}"], env=env, check=False)
+
+
+@pytest.mark.slow
+def test_write_faults_of_one_attempt_clear_on_the_next_and_lose_nothing(tmp_path):
+    """Attempt 0: killed halfway through writing step 8's checkpoint (its bytes so far in a
+    temporary file; last.pt still names step 4 and loads). Attempt 1: ENOSPC halfway through
+    the same write: one line, exit 74, nothing left behind. Attempt 2: EIO at step 12's
+    write. Attempt 3 runs clean (the rules name attempts 0 to 2) and ends bit-identical to
+    an undisturbed run, with no temporary file."""
+    run_dir = tmp_path / "run"
+    spec = "torn:0:8@0,enospc:0:8@1,eio:0:12@2"
+    out = _attempt(run_dir, spec, 0)
+    assert out.returncode == -signal.SIGKILL, out.stderr
+    (torn,) = [p for p in (run_dir / "checkpoints").iterdir() if p.name.endswith(".tmp")]
+    assert torn.name.startswith("step_00000008.pt.") and torn.stat().st_size > 0
+    assert ckpt.load(run_dir / "checkpoints" / "last.pt")["step"] == 4
+    assert periodic_steps(run_dir) == [4]
+
+    out = _attempt(run_dir, spec, 1)
+    assert out.returncode == DISK_FULL
+    err = out.stderr.strip().splitlines()
+    assert len(err) == 1 and "step_00000008.pt' failed (No space left on device)" in err[0]
+    assert "resumed from" in out.stdout and periodic_steps(run_dir) == [4]
+
+    out = _attempt(run_dir, spec, 2)
+    assert out.returncode == DISK_FULL and "(Input/output error)" in out.stderr
+    assert periodic_steps(run_dir) == [4, 8] and load_ckpt(run_dir)["step"] == 8
+
+    assert _attempt(run_dir, spec, 3).returncode == 0
+    assert periodic_steps(run_dir) == [4, 8, 12] and no_temporary_files(run_dir)
+    run_cli(["train", *WRITES, f"run.dir={tmp_path / 'straight'}"])
+    a, b = load_ckpt(tmp_path / "straight")["model"], load_ckpt(run_dir)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [e["step"] for e in metrics(run_dir, "train/loss")] == [5, 10, 12]
+
+
+@pytest.mark.slow
+def test_a_kill_while_resuming_and_sigusr1_preemption(tmp_path):
+    """Attempt 1 is killed right after it read last.pt (before its first step): nothing on
+    disk changes. Attempt 2 gets SIGUSR1 before step 6: it saves step 6 and exits 75."""
+    run_dir = tmp_path / "run"
+    spec = "sigkill:0:6,resume_kill:0:0@1,sigusr1:0:6@2"
+    assert _attempt(run_dir, spec, 0).returncode == -signal.SIGKILL
+    before = _listing(run_dir / "checkpoints")
+    out = _attempt(run_dir, spec, 1)
+    assert out.returncode == -signal.SIGKILL and "at step 4 " in out.stdout
+    assert _listing(run_dir / "checkpoints") == before
+    out = _attempt(run_dir, spec, 2)
+    assert out.returncode == PREEMPTED and "preempted: saved step 6 to " in out.stdout
+    assert load_ckpt(run_dir)["step"] == 6
+    assert _attempt(run_dir, spec, 3).returncode == 0 and load_ckpt(run_dir)["step"] == 12

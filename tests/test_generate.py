@@ -12,7 +12,7 @@ from conftest import JAYCHOU_ZIP, run_cli
 from bench.seed_reference import rnn, to_onehot
 from pipeline import config
 from pipeline.config import ModelConfig
-from pipeline.generate import PrefixError, check_prefix, generate
+from pipeline.generate import PrefixError, check_prefix, generate, sample_seed, samples
 from pipeline.model import build_model
 from pipeline.vocab import Vocab
 
@@ -154,6 +154,36 @@ def test_top_k_keeps_only_the_k_most_likely():
         topk = torch.topk(logits_TBV[t, 0], k).indices.tolist()
         assert int(ids[0, t + 1]) in topk, f"character {t + 1} is outside the top {k}"
     assert text != greedy  # at temperature 5 it does leave the greedy path
+
+
+class _Uniform(torch.nn.Module):
+    """Equal logits whatever the input: every draw depends on the random stream alone, so two
+    prefixes sampled from one stream get the same text after the prefix."""
+
+    def init_state(self, batch_size, device):
+        return (torch.zeros(1, batch_size, 1, device=device),)
+
+    def forward(self, x_BT, state):
+        return torch.zeros(x_BT.shape[1], x_BT.shape[0], len(VOCAB)), state
+
+
+def test_each_prefix_draws_its_sample_from_its_own_stream():
+    """The main job's 分开 and 不分开 samples were the same text after the prefix: one seed for
+    both. Each prefix now has its own seeded stream: the tails differ even where the model
+    ignores its input, and the samples are the same on every rerun (rank 0 draws them alone, so
+    the world size plays no part)."""
+    gcfg = config.GenerateConfig(prefixes=["分开", "不分开", "分开"], length=30, temperature=1.0)
+    rows = samples(_Uniform(), VOCAB, gcfg, 0, "cpu")
+    tails = [text[len(prefix) :] for prefix, text in rows]
+    assert len(set(tails)) == 3, tails  # even the same prefix twice: its own stream
+    assert samples(_Uniform(), VOCAB, gcfg, 0, "cpu") == rows
+    assert samples(_Uniform(), VOCAB, gcfg, 1, "cpu") != rows  # seeded by the run
+    for i, (prefix, text) in enumerate(rows):  # the CLI reproduces each with its seed
+        assert generate(_Uniform(), VOCAB, prefix, 30, 1.0, seed=sample_seed(0, i)) == text
+    # what one shared seed gave: the same tail for every prefix
+    shared = {generate(_Uniform(), VOCAB, p, 30, 1.0, seed=0)[len(p) :] for p in gcfg.prefixes}
+    assert len(shared) == 1
+    assert len({sample_seed(s, i) for s in range(50) for i in range(10)}) == 500
 
 
 # ---------------------------------------------------------------- prefix errors
