@@ -247,9 +247,10 @@ class Trainer:
                     reason = self.spend_budget(due)
                 if reason or self.log_when.due(s, end_of_epoch):
                     self.log_train(acc)
-                if reason not in ("preempted", "diverged") and (
-                    reason or self.eval_when.due(s, end_of_epoch)
-                ):
+                # at the end always; when due also on a preemption (else the resumed run
+                # would never evaluate this step: its val/* event and best.pt would be lost)
+                forced = reason not in ("", "preempted", "diverged")
+                if reason != "diverged" and (forced or self.eval_when.due(s, end_of_epoch)):
                     self.validate()
                 periodic = self.save_when.due(s, end_of_epoch)
                 if reason != "diverged" and (reason or periodic):

@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import TINY, kernels_run, load_ckpt, run_cli, sub_env, torchrun
+from conftest import TINY, kernels_run, load_ckpt, metrics, run_cli, sub_env, torchrun
 
 from pipeline.__main__ import main
 from pipeline.amp import Amp
@@ -245,3 +245,21 @@ def test_a_preemption_after_a_skipped_step_saves_and_says_so(tmp_path):
     assert proc.returncode == PREEMPTED_EXIT, proc.stdout + proc.stderr
     assert f"preempted: saved step 7 to {tmp_path / 'checkpoints' / 'last.pt'}" in proc.stdout
     assert load_ckpt(tmp_path)["step"] == 7
+
+
+@pytest.mark.slow
+def test_a_preemption_at_a_validation_step_validates_before_it_saves(tmp_path):
+    """Found by the chaos soak: preempted where validation was due, the run saved without it
+    and the resumed run never did it (the step's val/* event and a best.pt were lost)."""
+    args = ["train", *BASE, "data.valid_fraction=0.2", "train.eval_every=5", "train.max_steps=15"]
+    run_cli([*args, f"run.dir={tmp_path / 'straight'}"])
+    env = sub_env(PIPELINE_FAULTS="sigterm:0:10")
+    run = [*args, "train.signal_check_every=1", f"run.dir={tmp_path / 'run'}"]
+    proc = run_cli(run, env=env, check=False)
+    assert proc.returncode == PREEMPTED_EXIT, proc.stdout + proc.stderr
+    run_cli(run)
+    vals = {d: metrics(tmp_path / d, "val/loss") for d in ("straight", "run")}
+    assert [e["step"] for e in vals["run"]] == [5, 10, 15]
+    assert [e["val/loss"] for e in vals["run"]] == [e["val/loss"] for e in vals["straight"]]
+    best = {d: load_ckpt(tmp_path / d, "best.pt")["step"] for d in ("straight", "run")}
+    assert best["run"] == best["straight"]
