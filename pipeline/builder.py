@@ -50,6 +50,9 @@ class Source(Protocol):
     def locate(self) -> tuple[Path, str | None]:
         """The cache folder for this config and a line for the log; reads no text."""
 
+    def open(self) -> None:
+        """Load what the pieces read (a dataset), before the build's clock starts."""
+
     def pieces(self) -> tuple[list[str], list[Piece]]:
         """The split names in order, and the pieces of text that fill them."""
 
@@ -125,6 +128,7 @@ def build(source: Source, folder: Path | None) -> dict | Corpus:
     """Count, build the vocabulary, write the ids: into `folder` (atomically: a temporary
     folder renamed into place; returns its meta), or into memory (`folder` None: returns
     the Corpus; the pieces run in this process)."""
+    source.open()
     t0 = time.perf_counter()
     names, pieces = source.pieces()
     num_proc = source.data.num_proc if folder is not None and len(pieces) > 1 else 1

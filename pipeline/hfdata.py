@@ -374,10 +374,12 @@ class HFSource:
         key, self.inputs = cache_key(data, self.plan, self.splits)
         return prepared_dir(data, key), self.plan.line
 
+    def open(self) -> None:
+        if self.splits is None:
+            _, self.splits = open_dataset(self.data, self.plan)
+
     def pieces(self) -> tuple[list[str], list[Documents]]:
         data, plan = self.data, self.plan
-        if self.splits is None:
-            _, self.splits = open_dataset(data, plan)
         parts = {k: (ds, data.max_chars) for k, ds in self.splits.items()}
         if plan.held_out:
             parts.update(carve(data, plan, self.splits["train"]))

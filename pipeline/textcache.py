@@ -99,6 +99,9 @@ class TextSource:
         slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in self.path.name)
         return cache_dir(self.data) / "text" / f"{slug}-{key(self.path, self.data)}", None
 
+    def open(self) -> None:
+        pass  # the pieces open the file
+
     def pieces(self) -> tuple[list[str], list]:
         from .corpus import preprocess, read_text, split_text
 
