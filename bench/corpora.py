@@ -191,7 +191,7 @@ def measure(size: float, work: Path) -> dict:
     args += ["train.max_steps=1", "train.log_every=1", "model.hidden_size=32", "model.num_layers=1"]
     args += ["model.embedding_size=0", "train.device=cpu", f"run.dir={work}/start-{chars}"]
     args += ["train.resume=never", "run.overwrite=true", "logging.progress=lines"]
-    args += ["eval.max_chars=1000", "generate.prefixes=[]", "train.threads=2"]
+    args += ["eval.max_chars=1000", "generate.prefixes=[]", "train.threads=2", "train.amp=off"]
     starts = []
     for _ in range(3):  # the median of three
         t0 = time.perf_counter()

@@ -1,4 +1,7 @@
-"""Get the text: built-in corpora (download + sha256 + cache), local files, Hugging Face.
+"""Get the text: built-in corpora (download + sha256 + cache), local files, Hugging Face;
+`load_corpus` turns any of them into ids through the one preparation path
+(pipeline/builder.py), from the source `source_for` names (textcache.py: the built-in zip
+and text files; hfdata.py: Hugging Face datasets).
 
 Look-up order for a built-in corpus: explicit `data.path`, then `$PIPELINE_DATA_DIR/<file>`,
 then the cache (`$PIPELINE_CACHE_DIR` or ~/.cache/lyrics-rnn), then the download. A download
@@ -18,7 +21,6 @@ from pathlib import Path
 
 from .config import DataConfig
 from .data import Corpus, DataError, cache_dir, sha256_of
-from .vocab import Vocab
 
 
 @dataclass(frozen=True)
@@ -137,39 +139,31 @@ def split_text(text: str, valid_fraction: float) -> dict[str, str]:
     return {"train": text[:cut], "validation": text[cut:]}
 
 
-def load_text_corpus(data: DataConfig, dist_ctx=None, full_check: bool = False) -> Corpus:
-    """A text file or the built-in corpus, read whole; a plain file of STREAM_BYTES or more
-    is read in chunks into the prepared-id cache instead (pipeline.textcache; collective)."""
+def source_for(data: DataConfig):
+    """The source the config names (pipeline/builder.py: what a source gives)."""
+    if data.source == "hf":
+        from .hfdata import HFSource  # lazily: it imports `datasets`
+
+        return HFSource(data)
+    from .textcache import TextSource
+
     if data.source == "text":
-        path, member = Path(data.path), None
-    else:
-        path, member = locate_builtin(data), BUILTIN[data.corpus].member
-    if path.is_file() and not zipfile.is_zipfile(path):
-        from . import dist, textcache
-        from .idcache import shared
-
-        if path.stat().st_size >= textcache.STREAM_BYTES:
-            prepare = lambda: textcache.prepare(path, data, print, full_check)  # noqa: E731
-            return shared(prepare, dist_ctx or dist.DistContext())
-    parts = split_text(preprocess(read_text(path, member), data), data.valid_fraction)
-    if not parts["train"]:
-        raise DataError(f"data file '{path}' gives an empty training text")
-    from collections import Counter
-
-    vocab = Vocab.build(
-        Counter(parts["train"]),
-        data.min_freq,
-        data.max_vocab,
-        extra=set("".join(v for k, v in parts.items() if k != "train")),
-    )
-    return Corpus(vocab, {k: vocab.encode(v) for k, v in parts.items()})
+        return TextSource(Path(data.path), None, data)
+    return TextSource(locate_builtin(data), BUILTIN[data.corpus].member, data)
 
 
 def load_corpus(data: DataConfig, dist_ctx=None, full_check: bool = False) -> Corpus:
     """The corpus named by the config, as ids per split (`full_check`: a prepared corpus's
-    files are hashed again, not only sized)."""
-    if data.source == "hf":
-        from .hfdata import load_hf_corpus  # lazily: it imports `datasets`
+    files are hashed again, not only sized). A text read whole is built in memory by every
+    rank; anything else is prepared into the id cache by local rank 0 while the other ranks
+    wait (collective), then memory-mapped."""
+    from . import builder
 
-        return load_hf_corpus(data, dist_ctx, full_check)
-    return load_text_corpus(data, dist_ctx, full_check)
+    source = source_for(data)
+    if source.in_memory:
+        return builder.build(source, None)
+    from . import dist
+    from .idcache import shared
+
+    prepare = lambda: builder.prepare(source, print, full_check)  # noqa: E731
+    return shared(prepare, dist_ctx or dist.DistContext())

@@ -1,6 +1,7 @@
 """What every data source shares: the Corpus it returns, DataError, the cache folder and
-file checksums. The data layer points one way: corpus.py (text files, the built-in corpus,
-and the dispatch) and hfdata.py (Hugging Face datasets) both build on this module.
+file checksums. The data layer points one way: corpus.py (the built-in corpus and the
+dispatch) -> the sources (textcache.py: text; hfdata.py: Hugging Face datasets) -> the one
+preparation path (builder.py) -> the id cache (idcache.py) -> this module and vocab.py.
 """
 
 from __future__ import annotations

@@ -1,41 +1,38 @@
-"""Hugging Face datasets as prepared, memory-mapped id files (`data.source: hf`).
+"""Hugging Face datasets as a source of the preparation path (`data.source: hf`).
 
     python -m pipeline prepare --config configs/songci.yaml        # once, ahead of a job
     torchrun --standalone --nproc_per_node=2 -m pipeline train --config configs/songci.yaml
 
-`data.path` is a Hub id or a local dataset folder, loaded with `datasets.load_dataset`. The
-vocabulary comes from the training split alone (`<unk>` for the rest). Each split becomes one
-flat file of ids (uint16 when the vocabulary fits, else uint32), documents joined by
-`data.separator`, in a folder of the prepared-data cache:
+`data.path` is a Hub id or a local dataset folder, loaded with `datasets.load_dataset`
+(streamed with data.streaming). This module owns what is particular to datasets: which split
+comes from where (`plan_splits`: a dataset's own, or held out of train by whole documents,
+`carve`), the cache key (the datasets' fingerprints with every option that changes the ids,
+so a later run reuses the folder without reading the text; a local folder's key and plan
+come from its files, without loading it), and the documents joined by `data.separator` in
+data.num_proc contiguous shards of each split (`HFSource`, `Documents`). pipeline/builder.py
+counts them, builds the vocabulary (from the training split alone, `<unk>` for the rest) and
+writes one flat file of ids per split into the prepared-id cache (pipeline/idcache.py):
 
     <cache>/hf/<dataset>-<key>/meta.json    vocab, dtype, per split: file, length, bytes, sha256
     <cache>/hf/<dataset>-<key>/train.bin    (validation.bin, test.bin)
 
-The key hashes the datasets' fingerprints with every option that changes the ids, so a later run
-with the same key reuses the folder without reading the text. The folder is built under a
-temporary name and renamed into place whole, so a reader never sees half of it. Local rank 0
-checks it (sizes at a job start; sha256 with `prepare --verify`) or builds it while the other
-ranks of its node wait; then every rank opens the
-files read-only with numpy.memmap, and streams.py slices only its own rows from them.
+Local rank 0 checks it (sizes at a job start; sha256 with `prepare --verify`) or builds it
+while the other ranks of its node wait; then every rank opens the files read-only with
+numpy.memmap, and streams.py slices only its own rows from them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from . import dist
 from .config import DataConfig
-from .data import Corpus, DataError, cache_dir, sha256_of
-from .idcache import FORMAT, replace_dir, shared, verify
-from .vocab import CODE_POINTS, Vocab, as_counter, code_point_counts
+from .data import DataError, cache_dir
+from .idcache import FORMAT
 
 BATCH = 1000  # documents per batch: bounds memory while preparing
 
@@ -317,62 +314,28 @@ def carve(data: DataConfig, plan: Plan, train) -> dict[str, tuple[object, int]]:
     return out
 
 
-def _shard_pass(job: dict) -> dict:
-    """One contiguous shard of a split, in one process. Without `lut`: the code-point counts
-    of its joined text (the first `limit` characters when > 0) and how many of the documents'
-    own characters it has; with `lut`: its ids written into `path` from id `offset` on.
-    Memory: one batch of documents and one count per code point, whatever the shard's size."""
-    ds, first, data, lut = job["ds"], job["first"], job["data"], job.get("lut")
-    left = job.get("limit") or float("inf")
-    counts = np.zeros(CODE_POINTS, dtype=np.int64) if lut is None else None
-    doc_chars = n = 0
-    f = None
-    if lut is not None:
-        f = open(job["path"], "r+b")
-        f.seek(job["offset"] * np.dtype(job["dtype"]).itemsize)
-    try:
-        for lo, texts in text_batches(ds, data.text_field):
-            doc_chars += sum(len(t or "") for t in texts)
-            text = join_batch(texts, first + lo, data.separator, data.newlines)
+@dataclass
+class Documents:
+    """A piece (pipeline/builder.py): contiguous documents of one split, joined as in the
+    split's text (`first`: the index of the first one in the split), the first `limit`
+    characters when > 0. Memory: one batch of documents."""
+
+    split: str
+    ds: object
+    first: int
+    data: DataConfig
+    limit: int
+
+    def chunks(self):
+        data, left = self.data, self.limit or float("inf")
+        for lo, texts in text_batches(self.ds, data.text_field):
+            own = sum(len(t or "") for t in texts)
+            text = join_batch(texts, self.first + lo, data.separator, data.newlines)
             text = text[: int(min(left, len(text)))]
-            if lut is None:
-                counts += code_point_counts(text)
-            else:
-                cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-                ids = lut[cps]
-                if (ids >= job["n_vocab"]).any():  # lookup_table's marker: never counted
-                    raise DataError("a character is missing from the vocabulary (no <unk>)")
-                f.write(memoryview(np.ascontiguousarray(ids.astype(job["dtype"]))))
-            n += len(text)
+            yield self.split, text, own
             left -= len(text)
             if left <= 0:
                 break
-    finally:
-        if f is not None:
-            f.close()
-    return {"counts": counts, "doc_chars": doc_chars, "chars": n}
-
-
-class _Workers:
-    """data.num_proc forked worker processes (as datasets' own map forks), started once for
-    both passes over every split; with one, the jobs run here."""
-
-    def __init__(self, num_proc: int):
-        self.pool = None
-        if num_proc > 1:
-            import multiprocessing
-
-            self.pool = multiprocessing.get_context("fork").Pool(num_proc)
-
-    def run(self, jobs: list[dict]) -> list[dict]:
-        if self.pool is None or len(jobs) <= 1:
-            return [_shard_pass(job) for job in jobs]
-        return self.pool.map(_shard_pass, jobs, chunksize=1)
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.close()
-            self.pool.join()
 
 
 def _shards(ds, data: DataConfig, limit: int, carved: bool) -> list[tuple[int, object]]:
@@ -391,111 +354,59 @@ def _shards(ds, data: DataConfig, limit: int, carved: bool) -> list[tuple[int, o
     ]
 
 
-def build(data: DataConfig, plan: Plan, splits: dict, folder: Path, inputs: dict) -> dict:
-    """Count, then write every split into `folder` (atomically: a temporary folder renamed
-    into place). Both passes run over data.num_proc contiguous shards in parallel; each
-    shard's ids go to their own place of the split's file (offsets from the count). A
-    held-out split is carved out of train first (by whole documents)."""
-    t0 = time.perf_counter()
-    pieces = {k: (ds, data.max_chars) for k, ds in splits.items()}
-    if plan.held_out:
-        pieces.update(carve(data, plan, splits["train"]))
-    carved = {"train", *plan.held_out} if plan.held_out else set()
-    parts = {k: (lim, _shards(ds, data, lim, k in carved)) for k, (ds, lim) in pieces.items()}
-    workers = _Workers(data.num_proc)
-    try:
-        return _build(data, plan, parts, folder, inputs, workers, t0)
-    finally:
-        workers.close()
+class HFSource:
+    """A Hugging Face dataset as a source: its splits planned, its cache folder keyed
+    without loading it (a local folder), its documents in data.num_proc contiguous shards
+    of each split (a held-out split carved out of train first, by whole documents)."""
 
+    label = "prepared data"
+    in_memory = False  # always prepared into the id cache
 
-def _build(data, plan, parts, folder, inputs, workers, t0) -> dict:
-    counted = {}
-    for name, (limit, shards) in parts.items():
-        jobs = [{"ds": d, "first": lo, "data": data, "limit": limit} for lo, d in shards]
-        counted[name] = workers.run(jobs)
-        if sum(r["doc_chars"] for r in counted[name]) == 0:
-            train = plan.source["train"]
-            label = plan.source.get(name) or f"{name}' (held out of '{train}"
+    def __init__(self, data: DataConfig):
+        self.data, self.splits, self.shards = data, None, {}
+
+    def locate(self) -> tuple[Path, str]:
+        data = self.data
+        if Path(data.path).expanduser().is_dir():
+            self.plan = plan_splits(data, local_split_names(data))
+        else:
+            self.plan, self.splits = open_dataset(data)
+        key, self.inputs = cache_key(data, self.plan, self.splits)
+        return prepared_dir(data, key), self.plan.line
+
+    def open(self) -> None:
+        if self.splits is None:
+            _, self.splits = open_dataset(self.data, self.plan)
+
+    def pieces(self) -> tuple[list[str], list[Documents]]:
+        data, plan = self.data, self.plan
+        parts = {k: (ds, data.max_chars) for k, ds in self.splits.items()}
+        if plan.held_out:
+            parts.update(carve(data, plan, self.splits["train"]))
+        carved = {"train", *plan.held_out} if plan.held_out else set()
+        for name, (ds, limit) in parts.items():
+            self.shards[name] = _shards(ds, data, limit, name in carved)
+        pieces = [
+            Documents(name, d, lo, data, parts[name][1])
+            for name, shards in self.shards.items()
+            for lo, d in shards
+        ]
+        return list(parts), pieces
+
+    def check(self, split: str, own: int) -> None:
+        if own == 0:
+            data, train = self.data, self.plan.source["train"]
+            label = self.plan.source.get(split) or f"{split}' (held out of '{train}"
             raise DataError(
-                f"split '{label}' of dataset '{data.path}' is "
-                f"empty: its {_rows(shards)} rows have no text in column '{data.text_field}'"
+                f"split '{label}' of dataset '{data.path}' is empty: its "
+                f"{_rows(self.shards[split])} rows have no text in column '{data.text_field}'"
             )
-    counts = {name: as_counter(sum(r["counts"] for r in rs)) for name, rs in counted.items()}
-    extra = set().union(*(c.keys() for k, c in counts.items() if k != "train"))
-    vocab = Vocab.build(counts["train"], data.min_freq, data.max_vocab, extra=extra)
-    lut, dtype = vocab.lookup_table(), vocab.dtype()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
-    try:
-        meta = {
-            "format": FORMAT,
-            "inputs": inputs,
-            "vocab": vocab.to_list(),
-            "dtype": dtype.name,
-            "splits": {},
-        }
-        for name, (limit, shards) in parts.items():
-            path, sizes = work / f"{name}.bin", [r["chars"] for r in counted[name]]
-            with open(path, "wb") as f:
-                f.truncate(sum(sizes) * dtype.itemsize)
-            offsets = np.cumsum([0, *sizes[:-1]]).tolist()
-            jobs = [
-                {"ds": d, "first": lo, "data": data, "limit": limit, "lut": lut,
-                 "n_vocab": len(vocab), "dtype": dtype.name, "path": path, "offset": off}
-                for (lo, d), off in zip(shards, offsets)
-            ]  # fmt: skip
-            workers.run(jobs)
-            info = {"file": path.name, "length": sum(sizes), "bytes": path.stat().st_size}
-            info["sha256"] = sha256_of(path)
-            meta["splits"][name] = {**info, "documents": _rows(shards)}
-        seconds = time.perf_counter() - t0
-        chars = sum(s["length"] for s in meta["splits"].values())
-        meta["build"] = {
-            "seconds": round(seconds, 3),
-            "chars_per_s": round(chars / seconds),
-            "num_proc": data.num_proc,
-        }
-        (work / "meta.json").write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
-        replace_dir(work, folder)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return meta
+
+    def meta(self, splits: list[str]) -> tuple[dict, dict[str, dict]]:
+        return {"inputs": self.inputs}, {k: {"documents": _rows(self.shards[k])} for k in splits}
 
 
 def _rows(shards) -> int | None:
     """Documents in the shards (None for a stream, which does not know before reading)."""
     rows = [getattr(d, "num_rows", None) for _, d in shards]
     return None if None in rows else sum(rows)
-
-
-def prepare(data: DataConfig, log=print, full_check: bool = False) -> Path:
-    """The cached folder for this config, (re)built when missing or damaged. A job start
-    checks the meta record and the files' sizes (instant, whatever the corpus; a local
-    folder's splits come from its file names, without loading it); the sha256 of every file
-    is computed while building, and checked again with `full_check`
-    (`python -m pipeline prepare --verify`). Logs the splits' plan in one line."""
-    splits = None
-    if Path(data.path).expanduser().is_dir():
-        plan = plan_splits(data, local_split_names(data))
-    else:
-        plan, splits = open_dataset(data)
-    key, inputs = cache_key(data, plan, splits)
-    folder = prepared_dir(data, key)
-    log(plan.line)
-    if verify(folder, full=full_check) is not None:
-        log(f"prepared data: reusing {folder}" + (" (sha256 verified)" if full_check else ""))
-        return folder
-    if splits is None:
-        _, splits = open_dataset(data, plan)
-    if folder.exists():
-        log(f"prepared data: {folder} is damaged; rebuilding it")
-    meta = build(data, plan, splits, folder, inputs)
-    b = meta["build"]
-    log(f"prepared data: {folder} in {b['seconds']:.1f} s ({b['chars_per_s']:,} characters/s)")
-    return folder
-
-
-def load_hf_corpus(data: DataConfig, dist_ctx=None, full_check: bool = False) -> Corpus:
-    """Collective: local rank 0 prepares, the other ranks wait for it (pipeline.idcache)."""
-    return shared(lambda: prepare(data, print, full_check), dist_ctx or dist.DistContext())

@@ -1,7 +1,8 @@
 """The prepared-id cache: a folder of flat id files and their meta.json, built under a
 temporary name and renamed into place whole, checked by size (every start) or sha256
-(`prepare --verify`), and opened as read-only memory maps. Nothing here knows where the ids
-came from (pipeline/hfdata.py fills it from Hugging Face datasets).
+(`prepare --verify`), and opened as read-only memory maps; `shared` is the one way ranks
+share a prepared corpus. Nothing here knows where the ids came from (pipeline/builder.py
+fills it from any source).
 
     <folder>/meta.json    format, vocab, dtype, per split: file, length, bytes, sha256
     <folder>/train.bin    (validation.bin, test.bin): the ids, uint16 or uint32

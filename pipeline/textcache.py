@@ -1,13 +1,16 @@
-"""Text files larger than memory (`data.source=text`, or a plain .txt as `data.path`): read
-in chunks, never whole, into the prepared-id cache (pipeline/idcache.py), then memory-mapped.
+"""Text as a source of the preparation path (pipeline/builder.py): the built-in zip, or a
+UTF-8 text file of any size (`data.source=text`, or a file as `data.path`).
 
-Three passes over the file, each holding one chunk: its length (after data.newlines and
-data.max_chars) to place the validation cut, the character counts of the training part and
-the characters of the validation part (the vocabulary, as for a file read whole), then the
-ids. The result equals what reading the file whole gives: the same vocabulary, the same ids.
-A file below STREAM_BYTES is read whole (no cache folder), as before.
+A zip, or a plain file below STREAM_BYTES, is read whole (corpus.read_text) and its ids are
+built in memory: no cache folder, as before. A plain file of STREAM_BYTES or more is read in
+chunks, never whole, into the prepared-id cache (pipeline/idcache.py), then memory-mapped:
 
     <cache>/text/<file name>-<key>/meta.json, train.bin, validation.bin
+
+Such a file passes three times, each pass holding one chunk: here, its length (after
+data.newlines and data.max_chars) to place the validation cut; then the builder's count and
+write passes. Either way the text gives the same vocabulary and ids: its first
+round(n * (1 - data.valid_fraction)) characters train, the rest validate.
 """
 
 from __future__ import annotations
@@ -15,21 +18,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
+import zipfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from .config import DataConfig
-from .data import DataError, cache_dir, sha256_of
-from .idcache import FORMAT, replace_dir, verify
-from .vocab import CODE_POINTS, Vocab, as_counter
+from .data import DataError, cache_dir
+from .idcache import FORMAT
 
 # files at least this large are streamed (the variable: for tests of real jobs)
 STREAM_BYTES = int(os.environ.get("PIPELINE_TEXT_STREAM_BYTES", 256 << 20))
 CHUNK = 1 << 24  # characters a read
+PIECE = 1 << 20  # characters a chunk of a text read whole
 
 
 def chunks(path: Path, data: DataConfig) -> Iterator[str]:
@@ -47,19 +48,6 @@ def chunks(path: Path, data: DataConfig) -> Iterator[str]:
         raise DataError(f"data file '{path}' is not UTF-8 text: {err.reason} in a chunk") from None
 
 
-def _parts(path: Path, data: DataConfig, cut: int) -> Iterator[tuple[str, np.ndarray]]:
-    """(split, code points) of each chunk, cut at the validation boundary."""
-    at = 0
-    for text in chunks(path, data):
-        cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-        head = max(0, min(len(cps), cut - at))
-        if head:
-            yield "train", cps[:head]
-        if head < len(cps):
-            yield "validation", cps[head:]
-        at += len(cps)
-
-
 def key(path: Path, data: DataConfig) -> str:
     st = path.stat()
     inputs = [FORMAT, str(path.resolve()), st.st_size, st.st_mtime_ns, data.newlines]
@@ -67,49 +55,68 @@ def key(path: Path, data: DataConfig) -> str:
     return hashlib.sha256(json.dumps(inputs).encode()).hexdigest()[:20]
 
 
-def build(path: Path, data: DataConfig, folder: Path) -> None:
-    total = sum(len(t) for t in chunks(path, data))
-    cut = total if data.valid_fraction <= 0 else int(round(total * (1 - data.valid_fraction)))
-    if cut == 0:
-        raise DataError(f"data file '{path}' gives an empty training text")
-    counts = {split: np.zeros(CODE_POINTS, np.int64) for split in ("train", "validation")}
-    for split, cps in _parts(path, data, cut):
-        counts[split] += np.bincount(cps, minlength=CODE_POINTS)
-    extra = as_counter(counts["validation"]).keys()
-    vocab = Vocab.build(as_counter(counts["train"]), data.min_freq, data.max_vocab, extra=extra)
-    lut = vocab.lookup_table()
-    dtype = vocab.dtype()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
-    try:
+@dataclass
+class WholeText:
+    """A piece: the splits of a text read whole, PIECE characters a chunk."""
+
+    parts: dict[str, str]
+
+    def chunks(self) -> Iterator[tuple[str, str, int]]:
+        for split, text in self.parts.items():
+            for lo in range(0, len(text), PIECE):
+                piece = text[lo : lo + PIECE]
+                yield split, piece, len(piece)
+
+
+@dataclass
+class FileText:
+    """A piece: a file read in chunks, its first `cut` characters train, the rest validate."""
+
+    path: Path
+    data: DataConfig
+    cut: int
+
+    def chunks(self) -> Iterator[tuple[str, str, int]]:
+        at = 0
+        for text in chunks(self.path, self.data):
+            head = max(0, min(len(text), self.cut - at))
+            if head:
+                yield "train", text[:head], head
+            if head < len(text):
+                yield "validation", text[head:], len(text) - head
+            at += len(text)
+
+
+class TextSource:
+    label = "prepared text"
+
+    def __init__(self, path: Path, member: str | None, data: DataConfig):
+        self.path, self.member, self.data = path, member, data
+        plain = path.is_file() and not zipfile.is_zipfile(path)
+        self.in_memory = not (plain and path.stat().st_size >= STREAM_BYTES)
+
+    def locate(self) -> tuple[Path, str | None]:
+        slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in self.path.name)
+        return cache_dir(self.data) / "text" / f"{slug}-{key(self.path, self.data)}", None
+
+    def open(self) -> None:
+        pass  # the pieces open the file
+
+    def pieces(self) -> tuple[list[str], list]:
+        from .corpus import preprocess, read_text, split_text
+
+        data = self.data
         names = ["train"] + (["validation"] if data.valid_fraction > 0 else [])
-        files = {name: open(work / f"{name}.bin", "wb") for name in names}
-        try:
-            for split, cps in _parts(path, data, cut):
-                files[split].write(memoryview(np.ascontiguousarray(lut[cps].astype(dtype))))
-        finally:
-            for f in files.values():
-                f.close()
-        splits = {}
-        for name in names:
-            p = work / f"{name}.bin"
-            length = p.stat().st_size // dtype.itemsize
-            splits[name] = {"file": p.name, "length": length, "bytes": p.stat().st_size}
-            splits[name]["sha256"] = sha256_of(p)
-        meta = {"format": FORMAT, "source": str(path), "vocab": vocab.to_list()}
-        meta.update(dtype=dtype.name, splits=splits)
-        (work / "meta.json").write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
-        replace_dir(work, folder)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if self.in_memory:
+            text = preprocess(read_text(self.path, self.member), data)
+            return names, [WholeText(split_text(text, data.valid_fraction))]
+        total = sum(len(t) for t in chunks(self.path, data))
+        cut = total if data.valid_fraction <= 0 else int(round(total * (1 - data.valid_fraction)))
+        return names, [FileText(self.path, data, cut)]
 
+    def check(self, split: str, own: int) -> None:
+        if split == "train" and own == 0:
+            raise DataError(f"data file '{self.path}' gives an empty training text")
 
-def prepare(path: Path, data: DataConfig, log=print, full_check: bool = False) -> Path:
-    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in path.name)
-    folder = cache_dir(data) / "text" / f"{slug}-{key(path, data)}"
-    if verify(folder, full=full_check) is not None:
-        log(f"prepared text: reusing {folder}")
-        return folder
-    build(path, data, folder)
-    log(f"prepared text: {folder}")
-    return folder
+    def meta(self, splits: list[str]) -> tuple[dict, dict[str, dict]]:
+        return {"source": str(self.path)}, {}

@@ -32,7 +32,7 @@ from conftest import (
 from pipeline import hfdata
 from pipeline.__main__ import main
 from pipeline.config import DataConfig
-from pipeline.corpus import load_text_corpus
+from pipeline.corpus import load_corpus
 
 ALPHABET = "春花秋月何时了往事知多少小楼昨夜又东风故国不堪回首明中雕栏玉砌应犹在只是朱颜改问君能有几愁恰似一江水向流"
 
@@ -124,7 +124,7 @@ def test_each_layout_prepares_as_it_comes(hf_home, tmp_path, fmt, layout, capsys
     dataset's own validation and test splits are used as they are; a train-only one gets the
     last 10% of its documents held out for validation; no test split is one log line."""
     folder = dataset(tmp_path, fmt, layout)
-    corpus = hfdata.load_hf_corpus(hf(folder, tmp_path / "cache", valid_fraction=0.1))
+    corpus = load_corpus(hf(folder, tmp_path / "cache", valid_fraction=0.1))
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("data splits:"))
     has = LAYOUTS[layout]
     if "validation" in has:
@@ -149,7 +149,7 @@ def test_each_layout_prepares_as_it_comes(hf_home, tmp_path, fmt, layout, capsys
 def test_test_fraction_holds_out_test_after_validation(hf_home, tmp_path, capsys):
     folder = dataset(tmp_path, "json", "train_only")
     data = hf(folder, tmp_path / "cache", valid_fraction=0.1, test_fraction=0.05)
-    corpus = hfdata.load_hf_corpus(data)
+    corpus = load_corpus(data)
     train, valid, test = held_out(SPLITS["train"], 0.1, 0.05)
     assert (len(train), len(valid), len(test)) == (102, 12, 6)
     for split, docs in {"train": train, "validation": valid, "test": test}.items():
@@ -171,7 +171,7 @@ def test_common_validation_names_and_explicit_splits(hf_home, tmp_path, capsys):
     )
     valid = "\n".join(SPLITS["validation"])
     for split_key in ("auto", "dev"):
-        corpus = hfdata.load_hf_corpus(hf(folder, tmp_path / "c", valid_split=split_key))
+        corpus = load_corpus(hf(folder, tmp_path / "c", valid_split=split_key))
         assert corpus.vocab.decode(corpus.splits["validation"]) == valid
     base = ["prepare", *hf_args(tmp_path, folder), f"data.cache_dir={tmp_path / 'c'}"]
     capsys.readouterr()
@@ -215,10 +215,10 @@ def test_the_held_out_split_is_in_the_cache_key(hf_home, tmp_path, capsys):
     """Rerunning reuses the prepared folder; another valid_fraction is another folder."""
     folder = dataset(tmp_path, "json", "train_only")
     cache = tmp_path / "cache"
-    hfdata.load_hf_corpus(hf(folder, cache, valid_fraction=0.1))
-    hfdata.load_hf_corpus(hf(folder, cache, valid_fraction=0.1))
+    load_corpus(hf(folder, cache, valid_fraction=0.1))
+    load_corpus(hf(folder, cache, valid_fraction=0.1))
     assert "prepared data: reusing" in capsys.readouterr().out
-    other = hfdata.load_hf_corpus(hf(folder, cache, valid_fraction=0.2))
+    other = load_corpus(hf(folder, cache, valid_fraction=0.2))
     assert "reusing" not in capsys.readouterr().out
     assert len(list((cache / "hf").iterdir())) == 2
     assert other.vocab.decode(other.splits["validation"]) == "\n".join(
@@ -262,8 +262,8 @@ def test_a_stream_holds_out_the_same_documents(hf_home, tmp_path, max_chars):
     read whole, with and without data.max_chars."""
     folder = dataset(tmp_path, "json", "train_only")
     kw = dict(valid_fraction=0.1, test_fraction=0.05, max_chars=max_chars)
-    streamed = hfdata.load_hf_corpus(hf(folder, tmp_path / "s", streaming=True, **kw))
-    plain = hfdata.load_hf_corpus(hf(folder, tmp_path / "p", **kw))
+    streamed = load_corpus(hf(folder, tmp_path / "s", streaming=True, **kw))
+    plain = load_corpus(hf(folder, tmp_path / "p", **kw))
     assert streamed.vocab.itos == plain.vocab.itos
     assert sorted(plain.splits) == ["test", "train", "validation"]
     for split, ids in plain.splits.items():
@@ -280,13 +280,13 @@ def test_max_chars_cuts_each_source_text_before_holding_out(hf_home, tmp_path):
     assert joined[n - 1] != "\n"  # the cut falls inside a document
     text_file = tmp_path / "lyrics.txt"
     text_file.write_text(joined, encoding="utf-8")
-    text = load_text_corpus(
+    text = load_corpus(
         DataConfig(source="text", path=str(text_file), max_chars=n, valid_fraction=0.1)
     )
     decoded = {k: text.vocab.decode(v) for k, v in text.splits.items()}
     assert decoded["train"] + decoded["validation"] == joined[:n]
     folder = dataset(tmp_path, "json", "train_only")
-    corpus = hfdata.load_hf_corpus(hf(folder, tmp_path / "c", max_chars=n, valid_fraction=0.1))
+    corpus = load_corpus(hf(folder, tmp_path / "c", max_chars=n, valid_fraction=0.1))
     train, valid = (corpus.vocab.decode(corpus.splits[k]) for k in ("train", "validation"))
     assert train + "\n" + valid == joined[:n]
     kept = sum(1 for _ in _starts(SPLITS["train"], n))  # documents that start within N
@@ -294,7 +294,7 @@ def test_max_chars_cuts_each_source_text_before_holding_out(hf_home, tmp_path):
     assert train == "\n".join(train_docs) and "\n".join(valid_docs).startswith(valid)
     # a dataset's own splits are each cut at N
     both = dataset(tmp_path, "json", "train_validation")
-    own = hfdata.load_hf_corpus(hf(both, tmp_path / "o", max_chars=300))
+    own = load_corpus(hf(both, tmp_path / "o", max_chars=300))
     assert own.vocab.decode(own.splits["validation"]) == "\n".join(SPLITS["validation"])[:300]
     assert len(own.splits["train"]) == 300
 

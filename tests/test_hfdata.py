@@ -16,9 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import DATA_DIR, ROOT, load_ckpt, metrics, sub_env, torchrun
 
-from pipeline import hfdata, idcache
+from pipeline import builder, hfdata, idcache
 from pipeline.__main__ import main
 from pipeline.config import DataConfig
+from pipeline.corpus import load_corpus
 
 SONGCI = DATA_DIR / "songci"
 
@@ -59,7 +60,7 @@ def prepared(hf_home, tmp_path_factory):
     """songci with min_freq=2, prepared once for the module (num_proc=1)."""
     cache = tmp_path_factory.mktemp("prepared")
     data = songci(cache, min_freq=2)
-    corpus = hfdata.load_hf_corpus(data)
+    corpus = load_corpus(data)
     (folder,) = (cache / "hf").iterdir()
     return data, folder, corpus
 
@@ -85,7 +86,7 @@ def test_prepared_ids_decode_to_joined_text_with_unk(prepared):
 
 
 def test_max_chars_keeps_the_first_characters(hf_home, tmp_path):
-    corpus = hfdata.load_hf_corpus(songci(tmp_path, max_chars=5000))
+    corpus = load_corpus(songci(tmp_path, max_chars=5000))
     for split in ("train", "validation", "test"):
         ids = corpus.splits[split]
         assert len(ids) == 5000
@@ -115,7 +116,8 @@ def test_second_prepare_reuses_cache_without_tokenizing(prepared, tmp_path, monk
     def forbidden(*a, **k):
         raise AssertionError("tokenization ran although the cache was valid")
 
-    monkeypatch.setattr(hfdata, "_shard_pass", forbidden)
+    monkeypatch.setattr(builder, "_count", forbidden)
+    monkeypatch.setattr(builder, "_write", forbidden)
     capsys.readouterr()
     assert main(args) == 0
     assert f"reusing {built}" in capsys.readouterr().out
@@ -134,7 +136,7 @@ def test_a_job_start_reads_no_prepared_file(prepared, monkeypatch, capsys):
 
     monkeypatch.setattr(idcache, "sha256_of", forbidden)
     monkeypatch.setattr(hfdata, "open_dataset", forbidden)  # nor the dataset loaded
-    corpus = hfdata.load_hf_corpus(data)
+    corpus = load_corpus(data)
     assert f"reusing {folder}" in capsys.readouterr().out and len(corpus.splits["train"]) > 0
     with pytest.raises(AssertionError, match="hashed"):
         main(["prepare", "--config", str(ROOT / "configs/songci.yaml"), "--verify",
@@ -160,9 +162,9 @@ def test_damaged_cache_is_detected_and_rebuilt(prepared, tmp_path, damage, capsy
     # a job start checks sizes and meta; a flipped byte takes the full check (prepare --verify)
     full = damage == "flip_byte"
     if full:
-        hfdata.load_hf_corpus(songci(tmp_path, min_freq=2))
+        load_corpus(songci(tmp_path, min_freq=2))
         assert "reusing" in capsys.readouterr().out
-    rebuilt = hfdata.load_hf_corpus(songci(tmp_path, min_freq=2), full_check=full)
+    rebuilt = load_corpus(songci(tmp_path, min_freq=2), full_check=full)
     assert "is damaged; rebuilding" in capsys.readouterr().out
     assert [p.name for p in (tmp_path / "hf").iterdir()] == [folder.name]  # no leftovers
     assert idcache.verify(copy, full=True) is not None
@@ -337,12 +339,12 @@ def test_a_stream_prepares_the_same_ids_without_an_arrow_copy(hf_home, tmp_path,
     cache = datasets.config.HF_DATASETS_CACHE
     before = set(Path(cache).rglob("*.arrow")) if Path(cache).exists() else set()
     common = dict(source="hf", path=str(source), test_split="", min_freq=2)
-    streamed = hfdata.load_hf_corpus(
+    streamed = load_corpus(
         DataConfig(**common, streaming=True, num_proc=num_proc, cache_dir=str(tmp_path / "s"))
     )
     after = set(Path(cache).rglob("*.arrow")) if Path(cache).exists() else set()
     assert after == before  # the stream made no Arrow copy
-    plain = hfdata.load_hf_corpus(DataConfig(**common, cache_dir=str(tmp_path / "p")))
+    plain = load_corpus(DataConfig(**common, cache_dir=str(tmp_path / "p")))
     assert streamed.vocab.itos == plain.vocab.itos
     for split, ids in plain.splits.items():
         assert np.array_equal(streamed.splits[split], ids), split
@@ -350,10 +352,8 @@ def test_a_stream_prepares_the_same_ids_without_an_arrow_copy(hf_home, tmp_path,
 
 def test_a_stream_with_max_chars_keeps_the_first_characters(hf_home, tmp_path):
     common = dict(source="hf", path=str(SONGCI), max_chars=5000, test_split="")
-    streamed = hfdata.load_hf_corpus(
-        DataConfig(**common, streaming=True, cache_dir=str(tmp_path / "s"))
-    )
-    plain = hfdata.load_hf_corpus(DataConfig(**common, cache_dir=str(tmp_path / "p")))
+    streamed = load_corpus(DataConfig(**common, streaming=True, cache_dir=str(tmp_path / "s")))
+    plain = load_corpus(DataConfig(**common, cache_dir=str(tmp_path / "p")))
     assert len(streamed.splits["train"]) == 5000
     for split, ids in plain.splits.items():
         assert np.array_equal(streamed.splits[split], ids), split
