@@ -16,6 +16,8 @@ import numpy as np
 from .config import DataConfig
 from .vocab import Vocab
 
+IGNORE = -100  # the target id of padding (validation rows): no loss, no gradient
+
 
 class DataError(ValueError):
     """Bad or missing input data (names the file and what is wrong)."""

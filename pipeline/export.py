@@ -139,7 +139,7 @@ def export(
 def model_card(meta: dict, cfg, sample: str, web: bool = False, onnx: bool = False) -> str:
     from huggingface_hub import ModelCardData
 
-    from .metrics import LN2, perplexity
+    from .loss import LN2, perplexity
 
     d, m, t = cfg.data, cfg.model, cfg.train
     corpus = d.path if d.source in ("text", "hf") else f"the built-in corpus {d.corpus}"

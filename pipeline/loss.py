@@ -11,10 +11,21 @@ half-precision gradient. fp32 logits take
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-IGNORE = -100  # target id that cross_entropy skips (padding of validation rows)
+from .data import IGNORE
+
+LN2 = math.log(2.0)  # nats per bit: bits/char = loss / LN2
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), capped where exp would overflow."""
+    return math.exp(min(loss, 700.0))
+
+
 CHUNK = 128  # rows per fp32 chunk (3.4 MB at V = 6.6k); 32-512 measured within 10%
 
 

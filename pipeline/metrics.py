@@ -12,12 +12,7 @@ from pathlib import Path
 import torch
 
 from . import dist
-
-LN2 = math.log(2.0)
-
-
-def perplexity(loss: float) -> float:
-    return math.exp(min(loss, 700.0))
+from .loss import LN2, perplexity
 
 
 class TrainAccumulator:

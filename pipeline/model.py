@@ -22,7 +22,8 @@ from torch.func import functional_call
 
 from .adaptive import AdaptiveIO
 from .config import ConfigError, ModelConfig
-from .loss import IGNORE, cross_entropy
+from .data import IGNORE
+from .loss import cross_entropy
 from .noise import Noise
 
 State = tuple[torch.Tensor, ...]

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from . import dist
 from .config import Config
-from .metrics import LN2, JsonlSink, perplexity
+from .loss import LN2, perplexity
+from .metrics import JsonlSink
 from .progress import Progress
 from .wandb_sink import WandbSink
 

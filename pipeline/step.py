@@ -14,8 +14,8 @@ import torch
 from . import dist
 from .amp import Amp
 from .config import ConfigError
-from .loss import IGNORE
-from .metrics import LN2, perplexity
+from .data import IGNORE
+from .loss import LN2, perplexity
 from .model import State
 from .nonfinite import NonFiniteGuard
 from .optim import clip_grad_global

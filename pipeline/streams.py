@@ -22,8 +22,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .data import DataError
-from .loss import IGNORE
+from .data import IGNORE, DataError
 from .shuffle import Order
 
 

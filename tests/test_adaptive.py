@@ -9,7 +9,7 @@ import torch
 from conftest import TINY, load_ckpt, metrics, run_cli
 
 from pipeline.adaptive import AdaptiveIO
-from pipeline.loss import IGNORE
+from pipeline.data import IGNORE
 from pipeline.model import TorchRNN, num_params
 
 V, D, N = 50, 16, 40
