@@ -224,7 +224,7 @@ def _children_cpu() -> float:
 def wandb_rows(wandb_dir: Path) -> list[tuple[int, dict]]:
     """(step, values) of every history row of every attempt's .wandb file, attempts in the
     order they started (one wandb run id for the whole job)."""
-    from pipeline.wandb_history import read_records
+    from pipeline.tracking.wandb_history import read_records
 
     def started(path: Path) -> str:
         found = re.search(r"\d{8}_\d{6}", path.parent.name)
@@ -247,7 +247,7 @@ def differences(storm: Path, straight: Path, wandb_dir: Path) -> list[str]:
     the first difference of each check."""
     import torch
 
-    from pipeline import checkpoint as ckpt
+    from pipeline.run import checkpoint as ckpt
 
     found = []
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.autoamp import NAMES
+from pipeline.training.autoamp import NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("numpy", "omegaconf", "yaml", "tqdm", "datasets", "huggingface_hub", "safetensors")
@@ -145,8 +145,8 @@ def throughput(device: str, rounds: int, steps: int) -> tuple[dict, list[str]]:
     rounds in one process (bench.run's variants); the precision train.amp=auto picks for
     each (its own probe, as a run does) and the MFU of each row."""
     from bench.run import CONCISE, SCRATCH, PipelineVariant
-    from pipeline import autoamp
-    from pipeline.flops import peak_tflops, train_flops_per_token
+    from pipeline.tracking.flops import peak_tflops, train_flops_per_token
+    from pipeline.training import autoamp
 
     dev = torch.device(device)
     modes = autoamp.candidates(dev)

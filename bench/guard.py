@@ -23,8 +23,8 @@ import torch
 
 from bench.report import replace_section
 from bench.step_probe import setup, time_steps
-from pipeline.noise import Noise
-from pipeline.nonfinite import NonFiniteGuard
+from pipeline.model.noise import Noise
+from pipeline.training.nonfinite import NonFiniteGuard
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = {

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from bench.report import replace_section
-from pipeline.amp import cpu_has_native_bf16, resolve
+from pipeline.training.precision import cpu_has_native_bf16, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"

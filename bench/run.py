@@ -36,13 +36,13 @@ os.environ.setdefault("PIPELINE_DATA_DIR", str(ROOT.parent / "shared" / "data"))
 from bench import report  # noqa: E402
 from bench.seed_reference import SeedTrainer  # noqa: E402
 from pipeline import config as config_mod  # noqa: E402
-from pipeline.amp import Amp  # noqa: E402
-from pipeline.corpus import load_corpus  # noqa: E402
-from pipeline.metrics import TrainAccumulator, read_jsonl  # noqa: E402
-from pipeline.model import build_model, detach_state  # noqa: E402
-from pipeline.optim import build_optimizer, lr_at  # noqa: E402
-from pipeline.step import train_step  # noqa: E402
-from pipeline.streams import make_train_streams  # noqa: E402
+from pipeline.data.corpus import load_corpus  # noqa: E402
+from pipeline.data.streams import make_train_streams  # noqa: E402
+from pipeline.model.rnn import build_model, detach_state  # noqa: E402
+from pipeline.tracking.metrics import TrainAccumulator, read_jsonl  # noqa: E402
+from pipeline.training.optim import build_optimizer, lr_at  # noqa: E402
+from pipeline.training.precision import Amp  # noqa: E402
+from pipeline.training.step import train_step  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results.json"
 DOCS = ROOT / "docs" / "benchmarks.md"
@@ -53,7 +53,7 @@ CHAPTER_PPL = {"seed_scratch_random": 1.32, "seed_scratch_consecutive": 1.18, "s
 
 
 class PipelineVariant:
-    """The body of pipeline.train's loop (state carry, lr, train_step, device-side metrics),
+    """The body of pipeline.training.trainer's loop (state carry, lr, train_step, device-side metrics),
     in-process on one config, so rounds can alternate with other variants."""
 
     def __init__(self, config: str, overrides: list[str], device: str = "cpu"):

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from pipeline.config import DataConfig
-from pipeline.corpus import BUILTIN, locate_builtin
+from pipeline.data.corpus import BUILTIN, locate_builtin
 
 
 def load_data_jay_lyrics(max_chars: int = 10000):

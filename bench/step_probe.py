@@ -1,4 +1,4 @@
-"""Tokens/s of one training step (`pipeline.train.train_step`) of a config under override sets,
+"""Tokens/s of one training step (`pipeline.training.trainer.train_step`) of a config under override sets,
 fp32 and bf16, on random ids drawn with Zipf frequencies (the vocabulary is sorted most
 frequent first, so an adaptive output sees a realistic mix of head and tail targets).
 
@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 
 from pipeline import config
-from pipeline.amp import Amp
-from pipeline.model import build_model
-from pipeline.noise import Noise
-from pipeline.nonfinite import NonFiniteGuard
-from pipeline.optim import build_optimizer
-from pipeline.step import train_step
+from pipeline.model.noise import Noise
+from pipeline.model.rnn import build_model
+from pipeline.training.nonfinite import NonFiniteGuard
+from pipeline.training.optim import build_optimizer
+from pipeline.training.precision import Amp
+from pipeline.training.step import train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,7 +44,7 @@ def setup(cfg_path: str, overrides: list[str], amp_mode: str, vocab: int, fused:
 def time_steps(runs: dict, rounds: int, steps: int) -> dict:
     """Seconds per training step of each run {key: (model, opt, amp, x, y, noise_cls[,
     guard])}, one figure per round; the runs alternate within a round (one warm-up step each
-    first). With a guard (pipeline.nonfinite) the step is the trainer's; without, the step
+    first). With a guard (pipeline.training.nonfinite) the step is the trainer's; without, the step
     before the guard existed."""
     times: dict = {k: [] for k in runs}
     for r in range(rounds):

@@ -58,9 +58,9 @@ COMMON=(train.resume=never run.overwrite=true generate.prefixes=[] logging.progr
 step "1. environment"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || FAIL=1
 check checker env
-NEED_MFU=$("$PY" -c "import torch; from pipeline.flops import peak_tflops as p
+NEED_MFU=$("$PY" -c "import torch; from pipeline.tracking.flops import peak_tflops as p
 print('--need-mfu' if torch.cuda.is_available() and p(torch.cuda.get_device_name(), 'off') else '')")
-[ -n "$NEED_MFU" ] || echo "note: this card is not in pipeline/flops.py's table of peaks: no MFU"
+[ -n "$NEED_MFU" ] || echo "note: this card is not in pipeline/tracking/flops.py's table of peaks: no MFU"
 ls "$PIPELINE_DATA_DIR/jaychou_lyrics.txt.zip" || { echo "FAIL: no corpus in $PIPELINE_DATA_DIR"; exit 1; }
 
 step "2. tests: pytest -m gpu, then the fast suite"

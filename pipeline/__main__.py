@@ -21,26 +21,26 @@ import sys
 
 
 def _user_errors():
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .data import DataError
-    from .generate import PrefixError
-    from .vocab import VocabError
+    from pipeline.config import ConfigError
+    from pipeline.data.common import DataError
+    from pipeline.data.vocab import VocabError
+    from pipeline.run.checkpoint import CheckpointError
+    from pipeline.run.generate import PrefixError
 
     return (ConfigError, DataError, CheckpointError, PrefixError, VocabError)
 
 
 def cmd_train(args) -> int:
-    from . import config
+    from pipeline import config
 
     cfg = config.load(args.config, args.overrides)  # before importing torch: typos fail fast
     if args.print_config:
         print(config.dump(cfg), end="")
         return 0
-    from .checkpoint import DISK_FULL_EXIT, DiskFull
-    from .dist import HUNG_EXIT, Hung
-    from .nonfinite import DIVERGED_EXIT, Diverged
-    from .train import PREEMPTED_EXIT, Preempted, run
+    from pipeline.dist import HUNG_EXIT, Hung
+    from pipeline.run.checkpoint import DISK_FULL_EXIT, DiskFull
+    from pipeline.training.nonfinite import DIVERGED_EXIT, Diverged
+    from pipeline.training.trainer import PREEMPTED_EXIT, Preempted, run
 
     try:
         run(cfg)
@@ -53,21 +53,21 @@ def cmd_train(args) -> int:
 
 
 def _load_model(path: str, device: str = "cpu"):
-    from .export import load_any
+    from pipeline.run.export import load_any
 
     return load_any(path, device)
 
 
 def cmd_generate(args) -> int:
     if args.onnx:
-        from .onnxstep import generate_onnx
+        from pipeline.run.onnxstep import generate_onnx
 
         for k in range(args.num_samples):
             seed = None if args.seed is None else args.seed + k
             how = (args.length, args.temperature or 0.0, args.top_k or 0, seed)
             print(generate_onnx(args.checkpoint, args.prefix, *how))
         return 0
-    from .generate import generate
+    from pipeline.run.generate import generate
 
     model, vocab, cfg, _ = _load_model(args.checkpoint, args.device)
     for k in range(args.num_samples):
@@ -90,12 +90,12 @@ def cmd_generate(args) -> int:
 def cmd_eval(args) -> int:
     import json
 
-    from . import dist
-    from .amp import Amp
-    from .corpus import load_corpus
-    from .data import DataError
-    from .step import evaluate
-    from .streams import eval_streams
+    from pipeline import dist
+    from pipeline.data.common import DataError
+    from pipeline.data.corpus import load_corpus
+    from pipeline.data.streams import eval_streams
+    from pipeline.training.precision import Amp
+    from pipeline.training.step import evaluate
 
     ctx = dist.init(args.device)
     try:
@@ -129,8 +129,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from . import config, dist
-    from .corpus import load_corpus
+    from pipeline import config, dist
+    from pipeline.data.corpus import load_corpus
 
     cfg = config.load(args.config, args.overrides)
     ctx = dist.init("cpu")
@@ -145,8 +145,8 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export
-    from .onnxstep import OnnxMismatch
+    from pipeline.run.export import export
+    from pipeline.run.onnxstep import OnnxMismatch
 
     try:
         out = export(args.checkpoint, args.out, web=args.web, onnx=args.onnx)
@@ -163,7 +163,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .compare import compare
+    from pipeline.tracking.compare import compare
 
     return compare(args.runs, args.plot)
 
@@ -190,7 +190,7 @@ def parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True)
 
-    from .keys import help_text
+    from pipeline.keys import help_text
 
     t = sub.add_parser(
         "train",

@@ -17,7 +17,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .config import ConfigError
+from pipeline.config import ConfigError
 
 # Set once this process has started a process group (it stays set after the teardown).
 _group_started = False

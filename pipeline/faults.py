@@ -34,8 +34,8 @@ import time
 
 import torch
 
-from . import checkpoint as ckpt
-from .config import ConfigError
+from pipeline.config import ConfigError
+from pipeline.run import checkpoint as ckpt
 
 SIGNALS = {
     "sigstop": signal.SIGSTOP,
@@ -65,7 +65,7 @@ class Faults:
 
     def install(self, model: torch.nn.Module) -> None:
         """nan_loss: a forward hook on the (unwrapped) model poisons its output; write faults:
-        the checkpoint writer's hook (pipeline.checkpoint.write_fault)."""
+        the checkpoint writer's hook (pipeline.run.checkpoint.write_fault)."""
 
         def hook(module, args, output):
             if module.training and self.active("nan_loss", self.step):

@@ -8,7 +8,7 @@ import dataclasses
 import inspect
 import re
 
-from . import config
+from pipeline import config
 
 _COMMENT = re.compile(r"^\s+(\w+)\s*:[^#]*#\s*(.+)$")
 

@@ -382,10 +382,10 @@ def assert_same_params_across_world_sizes(a: dict, b: dict) -> None:
 def kernels_run(kind: str, amp: str, device: str = "cpu") -> bool:
     """Whether this machine's kernels run a `kind` model under `amp` (oneDNN has no bf16 or
     fp16 LSTM on a CPU without native bf16: there the trainer refuses, exit 2)."""
-    from pipeline.amp import Amp
     from pipeline.config import ConfigError
-    from pipeline.model import ScratchRNN, TorchRNN
-    from pipeline.step import check_precision_runs
+    from pipeline.model.rnn import ScratchRNN, TorchRNN
+    from pipeline.training.precision import Amp
+    from pipeline.training.step import check_precision_runs
 
     if device == "cuda" and not torch.cuda.is_available():
         return False

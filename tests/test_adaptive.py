@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import TINY, load_ckpt, metrics, run_cli
 
-from pipeline.adaptive import AdaptiveIO
-from pipeline.data import IGNORE
-from pipeline.model import TorchRNN, num_params
+from pipeline.data.common import IGNORE
+from pipeline.model.adaptive import AdaptiveIO
+from pipeline.model.rnn import TorchRNN, num_params
 
 V, D, N = 50, 16, 40
 

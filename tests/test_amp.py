@@ -13,13 +13,13 @@ import torch.multiprocessing as mp
 from conftest import TINY, free_port, metrics, run_cli
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from pipeline.amp import Amp, cpu_has_native_bf16, resolve
 from pipeline.config import TrainConfig
 from pipeline.dist import shutdown
-from pipeline.metrics import TrainAccumulator
-from pipeline.model import ScratchRNN
-from pipeline.optim import build_optimizer
-from pipeline.step import train_step
+from pipeline.model.rnn import ScratchRNN
+from pipeline.tracking.metrics import TrainAccumulator
+from pipeline.training.optim import build_optimizer
+from pipeline.training.precision import Amp, cpu_has_native_bf16, resolve
+from pipeline.training.step import train_step
 
 V, H, B, T = 23, 16, 4, 6
 CPU = torch.device("cpu")
@@ -274,7 +274,7 @@ def test_hot_loop_reads_values_only_at_log_intervals(tmp_path, monkeypatch, amp,
     all-reduce) and the finiteness check of each save. On CUDA (a gpu test) every such read
     is a device sync."""
     from pipeline import config
-    from pipeline.train import run
+    from pipeline.training.trainer import run
 
     reads, int_reads = [], []
     for name in ("item", "tolist", "__bool__", "__float__", "__int__"):

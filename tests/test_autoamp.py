@@ -15,10 +15,11 @@ import torch
 import torch.multiprocessing as mp
 from conftest import TINY, free_port, load_ckpt
 
-from pipeline import autoamp, config
-from pipeline import train as train_mod
-from pipeline.amp import Amp
-from pipeline.autoamp import candidates, pick
+from pipeline import config
+from pipeline.training import autoamp
+from pipeline.training import trainer as train_mod
+from pipeline.training.autoamp import candidates, pick
+from pipeline.training.precision import Amp
 
 MODEL = ["model.kind=gru", "model.dropout=0.3", "train.optimizer=adam", "train.lr=0.01"]
 
@@ -196,8 +197,8 @@ def test_a_resumed_run_keeps_its_precision(tmp_path, monkeypatch):
 def _rank_body(rank: int, world: int, port: int, tmp: str, queue) -> None:
     import torch.distributed as tdist
 
+    from pipeline.data.streams import make_train_streams
     from pipeline.dist import DistContext, shutdown
-    from pipeline.streams import make_train_streams
 
     torch.set_num_threads(1)
     tdist.init_process_group(

@@ -2,10 +2,10 @@
 (and the last horizon) are written to config.yaml and checkpoints, a resume continues the
 same curve, and a rerun of config.yaml repeats the run bit for bit.
 
-The trainer's runs here are in-process under an injected clock (pipeline.budget.clock): a
+The trainer's runs here are in-process under an injected clock (pipeline.training.budget.clock): a
 training step and an evaluation advance it by set amounts (saves by nothing), so every plan,
 the stop step and the training time are exact, and `expected` derives them from the
-budget's rules (TimeBudget, pipeline/budget.py) as Trainer.fit applies them. One real 2-rank
+budget's rules (TimeBudget, pipeline/training/budget.py) as Trainer.fit applies them. One real 2-rank
 job under torchrun runs on the real clock. The budget's accuracy on real machines is
 measured in docs/benchmarks.md ("Time budgets")."""
 
@@ -21,15 +21,15 @@ import torch
 import yaml
 from conftest import TINY, load_ckpt, metrics, torchrun
 
-from pipeline import budget as budget_mod
 from pipeline import config
-from pipeline import stopper as stopper_mod
-from pipeline import train as train_mod
 from pipeline.__main__ import main
-from pipeline.budget import REPLAN_AT, SLACK, TimeBudget, occurrences
 from pipeline.config import TrainConfig
-from pipeline.optim import lr_at, schedule_progress
-from pipeline.train import PREEMPTED_EXIT
+from pipeline.training import budget as budget_mod
+from pipeline.training import stopper as stopper_mod
+from pipeline.training import trainer as train_mod
+from pipeline.training.budget import REPLAN_AT, SLACK, TimeBudget, occurrences
+from pipeline.training.optim import lr_at, schedule_progress
+from pipeline.training.trainer import PREEMPTED_EXIT
 
 BUDGET = 8.0
 BASE = [
@@ -113,7 +113,7 @@ class PacedClock:
 
 
 def pace(monkeypatch, step_s, eval_s: float) -> PacedClock:
-    """pipeline.budget.clock, and the clock of train.time_limit, become a PacedClock that
+    """pipeline.training.budget.clock, and the clock of train.time_limit, become a PacedClock that
     each training step advances by `step_s` (a number, or a function of the clock's time)
     and each evaluation by `eval_s`."""
     clock = PacedClock()

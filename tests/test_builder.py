@@ -1,4 +1,4 @@
-"""The one preparation path (pipeline/builder.py) for any source: pieces of text, in
+"""The one preparation path (pipeline/data/builder.py) for any source: pieces of text, in
 processes or not, into the id cache or into memory, give the ids of the splits' texts
 joined; an intact folder is reused without reading the text; a source's check stops it."""
 
@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from conftest import JAYCHOU_ZIP
 
-from pipeline import builder
 from pipeline.config import DataConfig
-from pipeline.data import DataError
-from pipeline.idcache import open_prepared, verify
-from pipeline.vocab import Vocab
+from pipeline.data import builder
+from pipeline.data.common import DataError
+from pipeline.data.idcache import open_prepared, verify
+from pipeline.data.vocab import Vocab
 
 
 @dataclass

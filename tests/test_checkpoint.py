@@ -1,4 +1,4 @@
-"""pipeline.checkpoint on its own: atomic writes, weights-only loading, damaged and hostile
+"""pipeline.run.checkpoint on its own: atomic writes, weights-only loading, damaged and hostile
 files, fallback to the newest good checkpoint, pruning, the compatibility check."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import pytest
 import torch
 from conftest import ROOT
 
-from pipeline import checkpoint as ckpt
-from pipeline.checkpoint import CheckpointError
+from pipeline.run import checkpoint as ckpt
+from pipeline.run.checkpoint import CheckpointError
 
 
 def state(step: int) -> dict:
@@ -156,7 +156,7 @@ def test_prune_keeps_newest_and_removes_partial_writes(tmp_path):
 # the test die first, the closed pipe ends the child without finishing the file).
 KILLED_WRITER = textwrap.dedent("""
     import io, os, sys, torch
-    from pipeline import checkpoint as ckpt
+    from pipeline.run import checkpoint as ckpt
     real_save = torch.save
     def half_save(obj, f):
         buf = io.BytesIO(); real_save(obj, buf); data = buf.getvalue()

@@ -8,10 +8,10 @@ import torch
 from conftest import TINY, load_ckpt, metrics, run_cli
 
 from pipeline import config
-from pipeline.corpus import load_corpus
-from pipeline.generate import generate
-from pipeline.model import build_model
-from pipeline.vocab import Vocab
+from pipeline.data.corpus import load_corpus
+from pipeline.data.vocab import Vocab
+from pipeline.model.rnn import build_model
+from pipeline.run.generate import generate
 
 STEPS = 30
 

@@ -14,11 +14,11 @@ import torch
 import yaml
 from conftest import ROOT, TINY, run_cli
 
-import pipeline.train as train_mod
+import pipeline.training.trainer as train_mod
 from pipeline import config, keys
 from pipeline.__main__ import main
 from pipeline.config import Config, ConfigError
-from pipeline.model import build_model
+from pipeline.model.rnn import build_model
 
 CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if not p.stem.startswith("sweep_"))
 

@@ -13,8 +13,9 @@ from conftest import JAYCHOU_ZIP, ROOT, run_cli
 
 from pipeline import config
 from pipeline.config import DataConfig
-from pipeline.corpus import BUILTIN, download, load_corpus, locate_builtin, read_text
-from pipeline.data import DataError, sha256_of
+from pipeline.data.common import DataError, sha256_of
+from pipeline.data.corpus import BUILTIN, download, load_corpus, locate_builtin
+from pipeline.data.textfile import read_text
 
 GOOD = JAYCHOU_ZIP.read_bytes()
 SHA = BUILTIN["jaychou"].sha256

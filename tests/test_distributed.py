@@ -21,9 +21,9 @@ import torch
 from conftest import ROOT, TINY, assert_params_close, load_ckpt, metrics, sub_env, torchrun
 
 from pipeline import config
-from pipeline.corpus import load_corpus
-from pipeline.model import build_model
-from pipeline.streams import ConsecutiveStreams
+from pipeline.data.corpus import load_corpus
+from pipeline.data.streams import ConsecutiveStreams
+from pipeline.model.rnn import build_model
 
 # 540 training characters at batch 4 x 8 steps: 16 minibatches an epoch for both samplings,
 # so 2 epochs = 32 steps cross an epoch boundary (state reset, new permutation).

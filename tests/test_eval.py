@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from conftest import TINY, load_ckpt, metrics, run_cli
 
 from pipeline import config
-from pipeline.corpus import load_corpus
-from pipeline.model import build_model
+from pipeline.data.corpus import load_corpus
+from pipeline.model.rnn import build_model
 
 pytestmark = pytest.mark.slow  # every test here trains (once) and runs the CLI
 

@@ -34,15 +34,15 @@ from conftest import (
     wait_until,
 )
 
-from pipeline import checkpoint as ckpt
 from pipeline import faults
 from pipeline.__main__ import main
-from pipeline.amp import Amp
 from pipeline.config import ConfigError, TrainConfig
-from pipeline.model import ScratchRNN
-from pipeline.nonfinite import NonFiniteGuard
-from pipeline.optim import build_optimizer
-from pipeline.step import train_step
+from pipeline.model.rnn import ScratchRNN
+from pipeline.run import checkpoint as ckpt
+from pipeline.training.nonfinite import NonFiniteGuard
+from pipeline.training.optim import build_optimizer
+from pipeline.training.precision import Amp
+from pipeline.training.step import train_step
 
 DIVERGED, DISK_FULL, HUNG, BAD_INPUT, PREEMPTED = 65, 74, 124, 2, 75
 BASE = [

@@ -10,12 +10,18 @@ from conftest import TINY, load_ckpt, metrics
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline import config
-from pipeline import train as train_mod
 from pipeline.config import ModelConfig
+from pipeline.data.streams import make_train_streams
 from pipeline.dist import DistContext
-from pipeline.flops import Perf, devices_in_use, peak_tflops, tail_shares, train_flops_per_token
-from pipeline.model import build_model
-from pipeline.streams import make_train_streams
+from pipeline.model.rnn import build_model
+from pipeline.tracking.flops import (
+    Perf,
+    devices_in_use,
+    peak_tflops,
+    tail_shares,
+    train_flops_per_token,
+)
+from pipeline.training import trainer as train_mod
 
 V = 30  # vocabulary; hidden 16 everywhere below
 

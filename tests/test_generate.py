@@ -12,9 +12,9 @@ from conftest import JAYCHOU_ZIP, run_cli
 from bench.seed_reference import rnn, to_onehot
 from pipeline import config
 from pipeline.config import ModelConfig
-from pipeline.generate import PrefixError, check_prefix, generate, sample_seed, samples
-from pipeline.model import build_model
-from pipeline.vocab import Vocab
+from pipeline.data.vocab import Vocab
+from pipeline.model.rnn import build_model
+from pipeline.run.generate import PrefixError, check_prefix, generate, sample_seed, samples
 
 with zipfile.ZipFile(JAYCHOU_ZIP) as _zf:
     TEXT = _zf.read("jaychou_lyrics.txt").decode("utf-8").replace("\n", " ")[:3000]

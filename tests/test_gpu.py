@@ -61,7 +61,7 @@ def test_training_on_cuda_in_each_precision(tmp_path, kind, amp):
     saved = on_device(run_dir)
     assert saved["precision"] == amp and all(t.is_cuda for t in saved["model"].values())
     mfu = [e.get("perf/mfu") for e in events]
-    known = "perf/mfu" in events[0]  # the card is in pipeline.flops' table of peaks
+    known = "perf/mfu" in events[0]  # the card is in pipeline.tracking.flops' table of peaks
     assert all((0 < m < 1) if known else m is None for m in mfu), mfu
 
 

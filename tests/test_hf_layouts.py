@@ -29,10 +29,10 @@ from conftest import (
     torchrun,
 )
 
-from pipeline import hfdata
 from pipeline.__main__ import main
 from pipeline.config import DataConfig
-from pipeline.corpus import load_corpus
+from pipeline.data import hf as hfdata
+from pipeline.data.corpus import load_corpus
 
 ALPHABET = "春花秋月何时了往事知多少小楼昨夜又东风故国不堪回首明中雕栏玉砌应犹在只是朱颜改问君能有几愁恰似一江水向流"
 
@@ -233,7 +233,7 @@ def test_datasets_with_their_own_splits_keep_their_cache_keys():
     import hashlib
 
     from pipeline import config
-    from pipeline.idcache import FORMAT
+    from pipeline.data.idcache import FORMAT
 
     def key_before(d: DataConfig) -> str:  # hfdata.cache_key at commit 9d16cd5
         names = {"train": "train", "validation": "validation"}  # the old defaults' names

@@ -16,10 +16,11 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import DATA_DIR, ROOT, load_ckpt, metrics, sub_env, torchrun
 
-from pipeline import builder, hfdata, idcache
 from pipeline.__main__ import main
 from pipeline.config import DataConfig
-from pipeline.corpus import load_corpus
+from pipeline.data import builder, idcache
+from pipeline.data import hf as hfdata
+from pipeline.data.corpus import load_corpus
 
 SONGCI = DATA_DIR / "songci"
 

@@ -5,7 +5,7 @@ configs/jaychou.yaml as committed (2-layer LSTM 256, dropout 0.5, AdamW), fp32, 
 param_diffs: ||a - b|| / ||a|| per tensor below 3e-5, measured 2e-7 to 2.5e-6; max |a - b| /
 max |a| measured 1e-5 to 2.5e-4, the larger where AdamW's first step amplified an element
 whose gradient sat near its eps); likewise a GRU, and locked dropout with weight drop; both
-samplings; and adaptive input and output (pipeline.adaptive). A 2-rank run whose ranks all
+samplings; and adaptive input and output (pipeline.model.adaptive). A 2-rank run whose ranks all
 draw global stream 0's masks (each rank reseeding alike, the old behaviour) ends elsewhere:
 the check can fail. `python -m pipeline eval` gives the same loss on 1 process and on 2 ranks for any
 --batch-size.
@@ -54,7 +54,7 @@ CASES.append(("adaptive", "consecutive"))
 
 SAME_MASKS_ON_EVERY_RANK = """\
 import dataclasses
-from pipeline import noise
+from pipeline.model import noise
 
 _masks = noise.Noise.dropout_mask
 

@@ -14,8 +14,8 @@ import torch
 from conftest import TINY, load_ckpt, metrics
 
 from pipeline.__main__ import main
-from pipeline.shuffle import Order, order, round_keys
-from pipeline.streams import EvalStreams, RandomWindows
+from pipeline.data.shuffle import Order, order, round_keys
+from pipeline.data.streams import EvalStreams, RandomWindows
 
 CPU = torch.device("cpu")
 

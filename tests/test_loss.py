@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline import loss as loss_mod
-from pipeline.loss import cross_entropy
+from pipeline.model import loss as loss_mod
+from pipeline.model.loss import cross_entropy
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -8,7 +8,7 @@ import torch
 from bench.seed_reference import rnn, to_onehot
 from pipeline import config
 from pipeline.config import ConfigError, ModelConfig
-from pipeline.model import ScratchRNN, TorchRNN, build_model, detach_state, num_params
+from pipeline.model.rnn import ScratchRNN, TorchRNN, build_model, detach_state, num_params
 
 V, H, B, T = 23, 16, 3, 7
 

@@ -10,8 +10,8 @@ import torch
 
 from pipeline import config
 from pipeline.config import ModelConfig
-from pipeline.model import TorchRNN, build_model
-from pipeline.noise import BITS, GAMMA, WEIGHT_SITE, Noise, fmix64, site_key
+from pipeline.model.noise import BITS, GAMMA, WEIGHT_SITE, Noise, fmix64, site_key
+from pipeline.model.rnn import TorchRNN, build_model
 
 CPU = torch.device("cpu")
 V, H, B, T = 19, 12, 6, 5

@@ -14,7 +14,7 @@ import torch
 from conftest import ROOT, TINY, load_ckpt, run_cli, sub_env
 
 from pipeline.__main__ import main
-from pipeline.train import PREEMPTED_EXIT
+from pipeline.training.trainer import PREEMPTED_EXIT
 
 K, k, EPOCH = 60, 25, 37
 # One thread everywhere: the SIGTERM run is a subprocess (OMP_NUM_THREADS=1), and on some

@@ -15,11 +15,11 @@ import torch
 from conftest import TINY, kernels_run, load_ckpt, metrics, run_cli, sub_env, torchrun
 
 from pipeline.__main__ import main
-from pipeline.amp import Amp
-from pipeline.model import TorchRNN
-from pipeline.optim import build_optimizer
-from pipeline.resume import load_into
-from pipeline.train import PREEMPTED_EXIT
+from pipeline.model.rnn import TorchRNN
+from pipeline.training.optim import build_optimizer
+from pipeline.training.precision import Amp
+from pipeline.training.resume import load_into
+from pipeline.training.trainer import PREEMPTED_EXIT
 
 BASE = [*TINY, "data.max_chars=1200", "train.epochs=5", "train.threads=1"]
 ADAM = ["train.optimizer=adamw", "train.lr=0.01", "train.weight_decay=0.1"]

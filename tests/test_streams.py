@@ -1,4 +1,4 @@
-"""pipeline.streams against the chapter's reference iterators (d2l-zh, PyTorch edition), and
+"""pipeline.data.streams against the chapter's reference iterators (d2l-zh, PyTorch edition), and
 the per-rank layout: the union of the rank batches is exactly the single-process batch."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from bench.seed_reference import data_iter_consecutive, data_iter_random
-from pipeline.data import DataError
-from pipeline.streams import IGNORE, ConsecutiveStreams, EvalStreams, RandomWindows
+from pipeline.data.common import DataError
+from pipeline.data.streams import IGNORE, ConsecutiveStreams, EvalStreams, RandomWindows
 
 CPU = torch.device("cpu")
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 from conftest import JAYCHOU_ZIP, TINY, load_ckpt, sub_env, torchrun
 
-from pipeline import textcache
 from pipeline.config import DataConfig
-from pipeline.corpus import load_corpus
+from pipeline.data import textfile as textcache
+from pipeline.data.corpus import load_corpus
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import TINY, load_ckpt, metrics
 
-import pipeline.train as train_mod
+import pipeline.training.trainer as train_mod
 from bench.seed_reference import (
     data_iter_consecutive,
     data_iter_random,
@@ -20,10 +20,10 @@ from bench.seed_reference import (
 )
 from pipeline import config
 from pipeline.config import TrainConfig
-from pipeline.corpus import load_corpus
-from pipeline.model import ScratchRNN
-from pipeline.optim import build_optimizer, clip_grad_global, lr_at
-from pipeline.streams import RandomWindows
+from pipeline.data.corpus import load_corpus
+from pipeline.data.streams import RandomWindows
+from pipeline.model.rnn import ScratchRNN
+from pipeline.training.optim import build_optimizer, clip_grad_global, lr_at
 
 # ---------------------------------------------------------------- clipping
 

@@ -13,15 +13,16 @@ import pytest
 from conftest import JAYCHOU_ZIP, ROOT, sub_env
 
 from pipeline import config
-from pipeline.corpus import load_corpus
-from pipeline.vocab import UNK, Vocab, VocabError
+from pipeline.data.corpus import load_corpus
+from pipeline.data.vocab import UNK, Vocab, VocabError
 
 # Builds the vocabulary of the whole jaychou corpus in a fresh interpreter and prints it,
 # together with the chapter's `list(set(...))` order for contrast.
 SCRIPT = """
 import json
 from pipeline import config
-from pipeline.corpus import load_corpus, preprocess, read_text
+from pipeline.data.corpus import load_corpus
+from pipeline.data.textfile import preprocess, read_text
 from pathlib import Path
 cfg = config.load(None, [])
 corpus = load_corpus(cfg.data)

@@ -27,10 +27,10 @@ from conftest import (
     wait_until,
 )
 
-from pipeline.autoamp import candidates
-from pipeline.progress import Progress
-from pipeline.wandb_history import attempts, history_steps, read_records
-from pipeline.wandb_sink import wandb_mode
+from pipeline.tracking.progress import Progress
+from pipeline.tracking.wandb_history import attempts, history_steps, read_records
+from pipeline.tracking.wandb_sink import wandb_mode
+from pipeline.training.autoamp import candidates
 
 FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"
 SMALL = [
@@ -102,7 +102,7 @@ def test_offline_run_holds_config_and_final_summary(offline_run):
     assert run["config"]["train.max_steps"] == 12
     assert run["config"]["world_size"] == 1 and "torch_version" in run["config"]
     # train.amp=auto resolved: fp32 where this CPU has no native bf16 (the one candidate),
-    # else measured (pipeline.autoamp); the choice and how it was made in the wandb config
+    # else measured (pipeline.training.autoamp); the choice and how it was made in the wandb config
     used = load_ckpt(run_dir)["precision"]
     assert used in candidates(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     assert run["config"]["train.amp"] == "auto" and run["config"]["amp_used"] == used
@@ -309,8 +309,8 @@ def test_history_reader_rejects_foreign_files(tmp_path):
 KILLED_IN_SAVE = """
 import os, signal, sys, time
 import wandb
-import pipeline.checkpoint as ckpt, pipeline.__main__ as cli
-from pipeline.wandb_history import read_records
+import pipeline.run.checkpoint as ckpt, pipeline.__main__ as cli
+from pipeline.tracking.wandb_history import read_records
 
 def marked(path):
     return any(

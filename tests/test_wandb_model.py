@@ -13,7 +13,7 @@ import yaml
 from conftest import TINY, load_ckpt, proc_state, run_cli, sub_env, wait_until
 
 from pipeline.__main__ import main
-from pipeline.wandb_history import read_records
+from pipeline.tracking.wandb_history import read_records
 
 RUN = [
     *TINY,

@@ -128,7 +128,7 @@ def page_run(b: Browser, url: str, prefix: str | None = None, **fields) -> dict:
 def where_they_differ(folder: Path, page: str, python: str) -> str:
     """The first differing character and how far apart PyTorch's two best logits were
     there (a float32 near-tie flips a greedy character)."""
-    from pipeline.export import load_any
+    from pipeline.run.export import load_any
 
     pos = next((i for i, (a, b) in enumerate(zip(page, python)) if a != b), None)
     if pos is None:
@@ -283,8 +283,8 @@ def test_generate_onnx_equals_generate_without_a_pytorch_model(folders, capsys, 
     def no_model(*args, **kwargs):
         raise AssertionError("generate --onnx built a PyTorch model")
 
-    monkeypatch.setattr("pipeline.export.build_model", no_model)
-    monkeypatch.setattr("pipeline.model.build_model", no_model)
+    monkeypatch.setattr("pipeline.run.export.build_model", no_model)
+    monkeypatch.setattr("pipeline.model.rnn.build_model", no_model)
     for prefix, want in zip(PREFIXES, expected):
         code, got, err = generate_cli(capsys, folder, prefix, "--length", str(LENGTH), "--onnx")
         assert code == 0 and got == want, (err, got, want)
@@ -299,7 +299,7 @@ def test_generate_onnx_equals_generate_without_a_pytorch_model(folders, capsys, 
 def test_model_onnx_takes_any_batch_and_length_and_matches_pytorch(folders, kind):
     import onnxruntime as ort
 
-    from pipeline.export import load_any
+    from pipeline.run.export import load_any
 
     folder = folders[kind]
     session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
@@ -323,7 +323,7 @@ def test_model_onnx_takes_any_batch_and_length_and_matches_pytorch(folders, kind
 def test_export_refuses_an_onnx_file_that_disagrees(folders, capsys, monkeypatch, tmp_path):
     folder = folders["gru_tied"]
     checkpoint = folder.parent / "run" / "checkpoints" / "best.pt"
-    monkeypatch.setattr("pipeline.onnxstep.TOLERANCE", -1.0)  # any result is now a mismatch
+    monkeypatch.setattr("pipeline.run.onnxstep.TOLERANCE", -1.0)  # any result is now a mismatch
     capsys.readouterr()
     code = main(["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path), "--onnx"])
     err = capsys.readouterr().err
