@@ -119,9 +119,12 @@ def test_fp16_overflow_skips_step_and_halves_scale():
 def test_bf16_autocast_run_converges_as_fp32_does(tmp_path):
     """Settings that converge in fp32 as well (Adam lr 0.01, clip 1): on any CPU (bf16 is
     emulated where it is not native, only slower), the bf16 run learns the text like the fp32
-    run, with no skipped step: neither run ends more than one epoch behind the other's curve.
-    (The final losses alone differ by up to ~25% between runs whose arithmetic differs in the
-    last bits, in either direction: this memorisation curve is steep at its end.)"""
+    run, with no skipped step: neither run ends more than two epochs behind the other's
+    curve. (The final losses alone differ by up to ~25% between runs whose arithmetic differs
+    in the last bits, in either direction: this memorisation curve is steep at its end. With
+    the target's gradient term formed in fp32, seeds 0-3 put bf16 0 to 1.5 epochs behind fp32
+    on a CPU without native bf16; the old bf16 difference overstated the push on confident
+    targets, and its curve ran up to an epoch ahead.)"""
     curve = {}
     for amp in ("off", "bf16"):
         run_dir = tmp_path / amp
@@ -144,7 +147,7 @@ def test_bf16_autocast_run_converges_as_fp32_does(tmp_path):
         assert last < 0.05 * first, (amp, first, last)  # measured: 311 -> 1.8 (fp32)
         assert events[-1]["opt/nonfinite_steps"] == 0
         curve[amp] = [e["train/loss"] for e in events]
-    assert curve["bf16"][-1] <= curve["off"][-2] and curve["off"][-1] <= curve["bf16"][-2], curve
+    assert curve["bf16"][-1] <= curve["off"][-3] and curve["off"][-1] <= curve["bf16"][-3], curve
 
 
 # ---------------------------------------------------------------- two ranks (gloo)
