@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from bench.report import replace_section
-from pipeline.training.precision import cpu_has_native_bf16, resolve
+from pipeline.training.precision import cpu_has_native_bf16, cpu_model_name, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -208,14 +208,7 @@ def command(argv: list[str]) -> str:
 def write_doc(r: dict, argv: list[str], doc: Path = DOC) -> None:
     """Replace (or, the first time, add at the end of "## Quality") the section of record
     for this run's kind in `doc`."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model_name(platform.processor() or platform.machine())
     load = os.getloadavg()[0]
     forced = os.environ.get("PIPELINE_NATIVE_BF16", "")
     native = f"{'native' if r['native_bf16'] else 'no native'} bf16" + (

@@ -33,7 +33,7 @@ from pipeline import dist
 from pipeline.data.common import cache_dir
 from pipeline.model.noise import Noise
 from pipeline.training.optim import build_optimizer
-from pipeline.training.precision import Amp, cpu_has_native_bf16
+from pipeline.training.precision import Amp, cpu_has_native_bf16, cpu_model_name
 from pipeline.training.step import train_step
 
 MODES = ("off", "bf16", "fp16")
@@ -93,15 +93,7 @@ def pick(tokens_per_s: dict[str, float]) -> str:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    name = "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {torch.get_num_threads()} threads"
+    return f"{cpu_model_name()}, {torch.get_num_threads()} threads"
 
 
 def cache_key(cfg, device: torch.device, vocab_size: int, b: int, modes: list[str]) -> dict:

@@ -24,6 +24,17 @@ def cpu_has_native_bf16() -> bool:
     return ("amx_bf16" in flags or "avx512_bf16" in flags) and torch.backends.mkldnn.is_available()
 
 
+def cpu_model_name(default: str = "cpu") -> str:
+    """The CPU's model name from /proc/cpuinfo (`default` where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return default
+
+
 def resolve(mode: str, device: torch.device) -> str:
     """A static guess for `auto` (eval, generate); training measures (pipeline.training.autoamp)."""
     if mode != "auto":
