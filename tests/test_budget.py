@@ -148,22 +148,26 @@ PACED_ARGS = [
 STOP = 250  # the resume test's stop: between the re-plans at 50% and 75%
 
 
-def expected(step=0, spent=0.0, plans=(), total=None, stop=None, step_s=STEP_S, stop_eval=False):
+def expected(
+    step=0, spent=0.0, plans=(), total=None, stop=None, step_s=STEP_S, stop_eval=False,
+    preempted=False,
+):  # fmt: skip
     """(plans, last step, training time) of a paced one-process run from `step` (a resume:
     `spent` seconds, its saved `plans`, running to `total`) at `step_s` seconds a step (an
     evaluation EVAL_S), by the budget's rules as
     Trainer.fit applies them: after each step the stop check reads the clock; the budget
     probes, plans or re-plans (the first plan of a process, without an evaluation yet,
     evaluates at its step first); an evaluation every EVAL_EVERY steps and at the end. A
-    stop at `stop` saves there, evaluating first with `stop_eval` (a time limit; a
-    preemption does not)."""
+    stop at `stop` saves there, evaluating first with `stop_eval` (a time limit), or, when
+    `preempted`, only where an evaluation is due."""
     b = TimeBudget(PACED, step, WARMUP)
     plans, clock, evaluated = [list(p) for p in plans], spent, False
     total = total or 10**9
     while True:
         step, clock = step + 1, clock + step_s
         if step == stop:
-            return plans, step, clock + (EVAL_S if stop_eval else 0.0)
+            evaluates = stop_eval or (preempted and step % EVAL_EVERY == 0)
+            return plans, step, clock + (EVAL_S if evaluates else 0.0)
         done = step >= total
         due = "" if done else b.due(step, clock)
         assert due != "spent", "a constant pace never overruns its plan"
@@ -277,7 +281,9 @@ def test_a_resume_continues_the_curve_and_the_budget(paced_run, tmp_path, monkey
         monkeypatch.delenv("PIPELINE_FAULTS")
         assert code == PREEMPTED_EXIT and f"preempted: saved step {STOP}" in out, out
     stopped = load_ckpt(run_dir)
-    plans, step, spent = expected(stop=STOP, stop_eval=stop_by == "time_limit")
+    plans, step, spent = expected(
+        stop=STOP, stop_eval=stop_by == "time_limit", preempted=stop_by == "sigterm"
+    )
     straight = load_ckpt(paced_run[0])["config"]["train"]["schedule_plans"]
     assert stopped["config"]["train"]["schedule_plans"] == plans == straight[: len(plans)]
     assert len(plans) == 3 and stopped["step"] == step == STOP
