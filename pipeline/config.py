@@ -128,6 +128,7 @@ class TrainConfig:
 @dataclass
 class DistConfig:
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo (ranks may share a GPU)
+    grad_sync: str = "auto"  # auto (shm for CPU ranks on one node, else ddp) | ddp | shm
 
 
 @dataclass
@@ -187,6 +188,7 @@ CHOICES = {
     "train.amp": ("off", "bf16", "fp16", "auto"),
     "train.device": ("auto", "cpu", "cuda"),
     "dist.backend": ("auto", "nccl", "gloo"),
+    "dist.grad_sync": ("auto", "ddp", "shm"),
     "logging.wandb.mode": ("auto", "online", "offline", "disabled"),
     "logging.wandb.log_model": ("off", "end", "all"),
     "logging.progress": ("auto", "bar", "lines", "off"),

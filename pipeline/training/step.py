@@ -3,7 +3,7 @@ benchmarks run alike.
 
 One step: minibatch of this rank's streams -> forward (autocast; dropout masks drawn from
 (seed, step, site, global stream)) -> mean cross-entropy -> backward (DDP all-reduces, i.e.
-averages, the gradients) -> unscale (fp16) -> clip by the global norm of the all-reduced
+averages, the gradients; or, dist.grad_sync=shm, the shared-memory average right after) -> unscale (fp16) -> clip by the global norm of the all-reduced
 gradients (identical on every rank) -> the non-finite guard's skip -> optimizer step.
 """
 
@@ -24,7 +24,7 @@ from pipeline.training.precision import Amp
 
 def train_step(
     train_model, params, x_BT, y_BT, state: State, optimizer, amp: Amp, clip: float, noise=None,
-    guard: NonFiniteGuard | None = None, step: int = 0,
+    guard: NonFiniteGuard | None = None, step: int = 0, grad_sync=None,
 ):  # fmt: skip
     """One update. With a guard, a step whose all-reduced gradient norm is not finite changes
     nothing (the fused optimizer takes the skip as `found_inf`; no host read) and the state
@@ -34,6 +34,8 @@ def train_step(
     loss = nll_N.mean()  # fp32 whatever the compute dtype; training targets are never IGNORE
     optimizer.zero_grad(set_to_none=True)
     amp.scaler.scale(loss).backward()
+    if grad_sync is not None:  # dist.grad_sync=shm: the average over ranks (DDP's is done)
+        grad_sync()
     amp.scaler.unscale_(optimizer)  # fp16: records the scaler's own inf check for update()
     norm = clip_grad_global(params, clip)
     if guard is None:

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pipeline import config as config_mod
 from pipeline import dist, faults
@@ -30,7 +29,7 @@ from pipeline.run.generate import samples
 from pipeline.tracking.flops import Perf
 from pipeline.tracking.metrics import TrainAccumulator
 from pipeline.tracking.runlog import RunLog, RunRecord, best_summary, run_id_for
-from pipeline.training import autoamp, resume
+from pipeline.training import autoamp, gradsync, resume
 from pipeline.training import budget as budget_mod
 from pipeline.training.budget import TimeBudget
 from pipeline.training.nonfinite import Diverged, NonFiniteGuard
@@ -133,7 +132,9 @@ class Trainer:
         if self.faults:
             self.faults.after_resume()
         self.perf = Perf(self.model, self.streams, self.amp.mode, ctx)  # FLOPs/token, MFU
-        self.train_model = DDP(self.model) if ctx.distributed else self.model  # after loading
+        mode = gradsync.choose(cfg.dist.grad_sync, ctx)
+        self.grad_sync = gradsync.GradSync(mode, self.model, self.params, ctx)  # after loading
+        self.train_model = self.grad_sync.model  # DDP-wrapped for dist.grad_sync=ddp
         if tcfg.compile:
             self.train_model = torch.compile(self.train_model)
         self.first_stream = ctx.rank * self.streams.b  # global index of this rank's row 0
@@ -232,7 +233,7 @@ class Trainer:
                     self.faults.before_step(s.step + 1)
                 loss, norm, s.hidden = train_step(
                     self.train_model, self.params, x_BT, y_BT, hidden, self.optimizer,
-                    self.amp, tcfg.clip, noise, self.guard, s.step,
+                    self.amp, tcfg.clip, noise, self.guard, s.step, self.grad_sync,
                 )  # fmt: skip
                 acc.add(loss, x_BT.numel(), norm, tcfg.clip)
                 end_of_epoch = s.advance(streams.epoch_size)
