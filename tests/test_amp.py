@@ -3,6 +3,7 @@ every rank alike, and the reported grad norm being the norm of the all-reduced g
 
 from __future__ import annotations
 
+import collections
 import math
 from functools import partial
 
@@ -10,8 +11,9 @@ import pytest
 import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
-from conftest import TINY, free_port, metrics, run_cli
+from conftest import TINY, free_port, kernels_run, metrics, run_cli
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from pipeline.config import TrainConfig
 from pipeline.dist import shutdown
@@ -325,3 +327,54 @@ def test_a_skipped_steps_loss_does_not_poison_the_intervals_mean():
     assert out["train/loss"] == pytest.approx(3.0) and out["opt/nonfinite_steps"] == 1
     acc.add(torch.tensor(math.inf), 10, torch.tensor(math.inf), 1.0)
     assert math.isnan(acc.reduce(1)["train/loss"])  # nothing taken: no mean to give
+
+
+# ---------------------------------------------------------------- weight casts per bf16 step
+
+
+class _ParamCasts(TorchDispatchMode):
+    """Counts casts of each parameter's storage to a lower precision."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.names = {p.untyped_storage().data_ptr(): n for n, p in model.named_parameters()}
+        self.count = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket is torch.ops.aten._to_copy and out.dtype == torch.bfloat16:
+            name = self.names.get(args[0].untyped_storage().data_ptr())
+            if name is not None:
+                self.count[name] += 1
+        return out
+
+
+@pytest.mark.parametrize(
+    "kind,extra",
+    [("rnn_scratch", {}), ("rnn", {}), ("gru", {"num_layers": 2, "dropout": 0.3}),
+     ("lstm", {"num_layers": 2, "tie_weights": True}),
+     ("gru", {"adaptive_cutoffs": (10,), "tie_weights": True})],
+)  # fmt: skip
+def test_a_bf16_step_casts_each_weight_once_and_no_more(kind, extra):
+    """Autocast keeps one bf16 copy per weight for the whole forward (its cast cache: the
+    weights are leaves), so a step casts each weight once, the least a step that updates
+    every weight can do; a bf16 copy kept between steps would have to be refreshed after
+    each update, the same cast moved. This fails if a weight is cast twice (e.g. two
+    autocast regions in one step, or a weight used as a non-leaf)."""
+    if not kernels_run(kind if kind != "rnn_scratch" else "rnn_scratch", "bf16"):
+        pytest.skip(f"this cpu has no {kind} kernel in bf16 (see check_precision_runs)")
+    from pipeline.config import ModelConfig
+    from pipeline.model.noise import Noise
+    from pipeline.model.rnn import build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(kind=kind, hidden_size=H, **extra), V)
+    params = list(model.parameters())
+    opt = build_optimizer(TrainConfig(optimizer="adamw", lr=1e-3), model)
+    amp = Amp("bf16", CPU)
+    x, y = batch(0)
+    counter = _ParamCasts(model)
+    with counter:
+        train_step(model, params, x, y, model.init_state(B, CPU), opt, amp, 1.0, Noise(0, 0))
+    assert counter.count, "no weight reached a bf16 kernel"
+    assert max(counter.count.values()) == 1, dict(counter.count)

@@ -69,7 +69,9 @@ class AdaptiveIO(nn.Module):
 
     def _tail(self, k: int, h_ND: torch.Tensor) -> torch.Tensor:
         emb, proj = self._out(k)
-        return F.log_softmax(F.linear(h_ND @ proj.t(), emb, self.bias[k]), -1)
+        # F.linear(h, proj) is h @ proj^T on the parameter itself: under autocast its bf16
+        # copy is the one the input projection made (a transposed view would be cast again)
+        return F.log_softmax(F.linear(F.linear(h_ND, proj), emb, self.bias[k]), -1)
 
     def log_prob(self, h_ND: torch.Tensor) -> torch.Tensor:
         """log p over the whole vocabulary, (N, V): for evaluation and generation."""
