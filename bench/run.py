@@ -33,15 +33,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("PIPELINE_DATA_DIR", str(ROOT.parent / "shared" / "data"))
 
-from bench import report  # noqa: E402
+from bench import peak, report  # noqa: E402
 from bench.seed_reference import SeedTrainer  # noqa: E402
 from pipeline import config as config_mod  # noqa: E402
 from pipeline.data.corpus import load_corpus  # noqa: E402
 from pipeline.data.streams import make_train_streams  # noqa: E402
 from pipeline.model.rnn import build_model, detach_state  # noqa: E402
+from pipeline.tracking.flops import tail_shares, train_flops_per_token  # noqa: E402
 from pipeline.tracking.metrics import TrainAccumulator, read_jsonl  # noqa: E402
 from pipeline.training.optim import build_optimizer, lr_at  # noqa: E402
-from pipeline.training.precision import Amp  # noqa: E402
+from pipeline.training.precision import Amp, cpu_has_native_bf16  # noqa: E402
 from pipeline.training.step import train_step  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results.json"
@@ -72,6 +73,10 @@ class PipelineVariant:
         self.optimizer = build_optimizer(t, self.model)
         self.acc = TrainAccumulator(self.device)
         self.i, self.step_no, self.hidden = 0, 0, None
+        self.flops_per_token = train_flops_per_token(
+            self.model, tail_shares(self.model, self.streams)
+        )
+        self.dtype = "fp32" if self.amp.mode == "off" else self.amp.mode
 
     def step(self) -> int:
         s, t = self.streams, self.tcfg
@@ -95,8 +100,14 @@ class PipelineVariant:
 
 
 class SeedVariant:
+    dtype = "fp32"
+
     def __init__(self, device: str = "cpu"):
         self.trainer = SeedTrainer(device)
+        # the same model as rnn_scratch, counted alike (its one-hot product is extra work the
+        # count leaves out, as it leaves out the gather that replaces it)
+        h, v = self.trainer.num_hiddens, self.trainer.vocab_size
+        self.flops_per_token = 6.0 * (h * h + h * v)
 
     def step(self) -> int:
         return self.trainer.step()
@@ -111,7 +122,7 @@ CONCISE = "configs/seed_concise.yaml"
 
 def variants(args) -> dict:
     rows = {"seed reference (chapter loop, fp32)": SeedVariant}
-    amps = ("off", "bf16", "fp16") if args.device == "cuda" else ("off", "bf16")
+    amps = args.amps
     for amp in amps:
         name = "fp32" if amp == "off" else amp
         rows[f"rnn_scratch {name}"] = (SCRATCH, [f"train.amp={amp}"])
@@ -140,6 +151,7 @@ def _sync(device: str) -> None:
 
 def throughput(args) -> dict:
     torch.set_num_threads(args.threads)
+    peaks = {} if args.device == "cuda" else peak.measure(args.threads)  # GFLOP/s, same run
     specs = variants(args)
     runners = {}
     for name, spec in specs.items():
@@ -173,10 +185,16 @@ def throughput(args) -> dict:
             "ratio_vs_seed": med_w[n] / med_w[seed],
             "cpu_ratio_vs_seed": med_c[n] / med_c[seed],
             "rounds_tokens_per_s": wall[n],
+            "dtype": runners[n].dtype,
+            "gflops": med_w[n] * runners[n].flops_per_token / 1e9,
         }
         for n in runners
     ]
+    for row in rows:
+        if row["dtype"] in peaks:
+            row["of_peak"] = row["gflops"] / peaks[row["dtype"]]
     return {
+        "peak_gflops": peaks,
         "device": args.device,
         "threads": args.threads,
         "rounds": args.rounds,
@@ -188,77 +206,119 @@ def throughput(args) -> dict:
 
 # ---------------------------------------------------------------- DDP weak scaling
 
+MAIN_JOB = "configs/jaychou.yaml"
+# name -> (config, overrides, streams per rank): the chapter's model on the whole corpus, and
+# the main job's LSTM (dropout 0.5, AdamW) with its global batch on every rank
+DDP_MODELS = {
+    "rnn_scratch": (SCRATCH, ["data.max_chars=0"], 32),
+    "lstm (main job)": (MAIN_JOB, [], 16),
+}
+# what runs side by side: one process; two independent processes on the same cores (the
+# machine's own limit for two of anything); two ranks, each gradient sync
+DDP_LAYOUTS = ("1 process", "2 independent", "2 ranks shm", "2 ranks ddp")
 
-def torchrun_tokens_per_s(
-    world: int, steps: int, log_every: int, amp: str, tmp: Path, per_rank: int = 32
-) -> float:
-    run_dir = tmp / f"ddp_w{world}"
-    cmd = [
-        "timeout",
-        "-k",
-        "10",
-        "600",
-        str(Path(sys.executable).with_name("torchrun")),
-        "--standalone",
-        f"--nproc_per_node={world}",
+
+def _train_cmd(config: str, overrides: list[str], run_dir: Path, streams: int, args, amp: str):
+    return [
         "-m",
         "pipeline",
         "train",
         "--config",
-        SCRATCH,
+        config,
+        *overrides,
         f"run.dir={run_dir}",
         "train.resume=never",
         "run.overwrite=true",
-        "data.max_chars=0",
-        f"train.batch_size={per_rank * world}",
-        f"train.max_steps={steps}",
+        f"train.batch_size={streams}",
+        f"train.max_steps={args.ddp_steps}",
         "train.epochs=100000",
-        f"train.log_every={log_every}",
+        "train.eval_every=1000000",  # no validation inside the timed intervals
+        "train.checkpoint_every=0",
+        f"train.log_every={args.ddp_log_every}",
         "train.threads=1",
         f"train.amp={amp}",
+        "eval.max_chars=2000",
         "generate.prefixes=[]",
         "logging.progress=off",
         "logging.wandb.mode=disabled",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if proc.returncode:
-        raise RuntimeError(f"torchrun failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+
+
+def _interval_rate(run_dir: Path) -> float:
+    """The trainer's global `perf/tokens_per_s`: median over log intervals, the first (which
+    holds the warm-up) dropped."""
     rates = [
         e["perf/tokens_per_s"]
         for e in read_jsonl(run_dir / "metrics.jsonl")
         if "perf/tokens_per_s" in e
     ]
-    return statistics.median(rates[1:] or rates)  # the first interval holds the warm-up
+    return statistics.median(rates[1:] or rates)
+
+
+def layout_tokens_per_s(layout: str, model: str, amp: str, args, tmp: Path) -> float:
+    """Global tokens/s of one layout: torchrun for ranks, plain processes otherwise (two
+    started together for `2 independent`, their rates summed)."""
+    config, overrides, per_rank = DDP_MODELS[model]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    jobs = []
+    if layout.startswith("2 ranks"):
+        sync = layout.split()[-1]
+        run_dir = tmp / "ranks"
+        cmd = [torchrun, "--standalone", "--nproc_per_node=2"]
+        cmd += _train_cmd(config, overrides, run_dir, 2 * per_rank, args, amp)
+        jobs.append((cmd + [f"dist.grad_sync={sync}"], run_dir))
+    else:
+        for i in range(1 if layout == "1 process" else 2):
+            run_dir = tmp / f"proc{i}"
+            jobs.append(
+                (
+                    [sys.executable, *_train_cmd(config, overrides, run_dir, per_rank, args, amp)],
+                    run_dir,
+                )
+            )
+    procs = [
+        subprocess.Popen(["timeout", "-k", "10", "900", *cmd], cwd=ROOT, env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for cmd, _ in jobs
+    ]  # fmt: skip
+    for proc in procs:
+        _, err = proc.communicate()
+        if proc.returncode:
+            raise RuntimeError(f"{layout} {model} failed ({proc.returncode}):\n{err[-3000:]}")
+    return sum(_interval_rate(run_dir) for _, run_dir in jobs)
 
 
 def ddp_scaling(args) -> dict:
+    """Per model and precision, every layout in alternating rounds; medians."""
     out = {"steps": args.ddp_steps, "log_every": args.ddp_log_every, "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
-        for per_rank in args.ddp_per_rank:
-            for amp in ("off", "bf16"):
-                rates = {1: [], 2: []}
+        for model in DDP_MODELS:
+            for amp in args.amps:
+                rates = {layout: [] for layout in DDP_LAYOUTS}
                 for r in range(args.ddp_rounds):
-                    for world in (1, 2) if r % 2 == 0 else (2, 1):
-                        rates[world].append(
-                            torchrun_tokens_per_s(
-                                world, args.ddp_steps, args.ddp_log_every, amp, Path(tmp), per_rank
-                            )
-                        )
-                one, two = statistics.median(rates[1]), statistics.median(rates[2])
+                    order = DDP_LAYOUTS if r % 2 == 0 else tuple(reversed(DDP_LAYOUTS))
+                    for layout in order:
+                        rate = layout_tokens_per_s(layout, model, amp, args, Path(tmp))
+                        rates[layout].append(rate)
+                med = {layout: statistics.median(v) for layout, v in rates.items()}
+                one = med["1 process"]
                 out["rows"].append(
                     {
+                        "model": model,
                         "amp": "fp32" if amp == "off" else amp,
-                        "streams_per_rank": per_rank,
-                        "tokens_per_s_1x1": one,
-                        "tokens_per_s_2x1": two,
-                        "efficiency": two / (2 * one),
+                        "streams_per_rank": DDP_MODELS[model][2],
+                        "tokens_per_s": med,
+                        "vs_twice_one": {
+                            k: v / (2 * one) for k, v in med.items() if k != "1 process"
+                        },
                         "rounds": rates,
                     }
                 )
                 print(
-                    f"DDP {amp}, {per_rank} streams/rank: 1 rank {one:.0f}, "
-                    f"2 ranks {two:.0f} tokens/s",
+                    f"DDP {model} {amp}: "
+                    + ", ".join(f"{k} {v:,.0f}" for k, v in med.items())
+                    + " tokens/s",
                     flush=True,
                 )
     return out
@@ -386,6 +446,12 @@ def main(argv=None) -> int:
     ap.add_argument("--parity", action="store_true", help="only the seed-parity runs")
     ap.add_argument("--compile", action="store_true", help="add torch.compile rows")
     ap.add_argument("--no-ddp", action="store_true")
+    ap.add_argument(
+        "--bf16",
+        choices=["auto", "yes", "no"],
+        default="auto",
+        help="bf16 rows: auto = where the CPU has native bf16 (emulated bf16 runs ~50x slower)",
+    )
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--steps", type=int, default=8, help="minibatches per variant per round")
     ap.add_argument("--warmup", type=int, default=3)
@@ -396,15 +462,9 @@ def main(argv=None) -> int:
         choices=["cpu", "cuda"],
         help="throughput rows only (cuda adds fp16 rows)",
     )
-    ap.add_argument("--ddp-rounds", type=int, default=3)
+    ap.add_argument("--ddp-rounds", type=int, default=5)
     ap.add_argument("--ddp-steps", type=int, default=120)
     ap.add_argument("--ddp-log-every", type=int, default=20)
-    ap.add_argument(
-        "--ddp-per-rank",
-        type=lambda v: [int(x) for x in v.split(",")],
-        default=[32, 64],
-        help="streams per rank, comma-separated (32 = the chapter's batch on each rank)",
-    )
     ap.add_argument("--parity-epochs", type=int, default=250)
     ap.add_argument(
         "--parity-seeds",
@@ -415,6 +475,12 @@ def main(argv=None) -> int:
     ap.add_argument("--results", help="default bench/results.json (--quick: bench/out/)")
     ap.add_argument("--docs", help="default docs/benchmarks.md (--quick: bench/out/)")
     args = ap.parse_args(argv)
+    bf16 = args.bf16 == "yes" or (
+        args.bf16 == "auto" and (args.device == "cuda" or cpu_has_native_bf16())
+    )
+    args.amps = ("off", "bf16") if bf16 else ("off",)
+    if args.device == "cuda":
+        args.amps += ("fp16",)
     if args.quick:
         args.rounds, args.steps, args.warmup = 2, 1, 1
         args.ddp_rounds, args.ddp_steps, args.ddp_log_every = 1, 4, 2
@@ -435,10 +501,12 @@ def main(argv=None) -> int:
     if args.parity:
         results["parity"] = {**section, **parity(args)}
     else:
-        key = "throughput" if args.device == "cpu" else "throughput_cuda"
+        # one table per kind of CPU: with native bf16 (AMX or AVX512-BF16) and without
+        kind = "native_bf16" if cpu_has_native_bf16() else "no_native_bf16"
+        key = f"throughput_{kind}" if args.device == "cpu" else "throughput_cuda"
         results[key] = {**section, **throughput(args)}
         if not args.no_ddp:
-            results["ddp"] = {**section, **ddp_scaling(args)}
+            results[f"ddp_{kind}"] = {**section, **ddp_scaling(args)}
     results_path.parent.mkdir(parents=True, exist_ok=True)
     results_path.write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
     report.write_docs(results, Path(args.docs))
