@@ -8,4 +8,5 @@ optim.py      optimizer, parameter groups, LR schedule, clipping
 precision.py  autocast and the GradScaler; autoamp.py: train.amp=auto by measuring
 budget.py     the time budget; stopper.py: signals, time limits, the stop check
 nonfinite.py  the non-finite guard; saver.py: when a checkpoint is written
+gradsync.py   dist.grad_sync: DDP, or the shared-memory average of CPU ranks on one node
 """
