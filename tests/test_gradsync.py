@@ -18,13 +18,13 @@ import pytest
 import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
-from conftest import ROOT, load_ckpt, torchrun
+from conftest import ROOT, load_ckpt, sub_env, torchrun
 
 from pipeline.config import ConfigError
 from pipeline.dist import DistContext
 from pipeline.training import gradsync
 
-SHM = Path(gradsync.SHM_DIR)
+SHM = Path(gradsync.shm_dir())
 
 
 def _leftovers() -> set[str]:
@@ -83,20 +83,25 @@ def test_three_ranks_hold_the_same_exact_average_step_after_step(tmp_path):
     assert _leftovers() <= before  # the shared file's name went once every rank mapped it
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
-def test_a_full_shm_is_exit_2_naming_the_key_and_leaves_nothing(tmp_path, monkeypatch):
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    """A real 1 MiB tmpfs (root only; CI runs as root)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root: the full-/dev/shm tests did not run")
     mnt = tmp_path / "shm"
     mnt.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True)
-    try:
-        monkeypatch.setattr(gradsync, "SHM_DIR", str(mnt))
-        with pytest.raises(ConfigError) as err:
-            gradsync.SharedAverage([torch.zeros(1 << 20, requires_grad=True)], 0, 1)
-        assert "'dist.grad_sync'" in str(err.value)
-        assert "8 MiB" in str(err.value) and "dist.grad_sync=ddp" in str(err.value)
-        assert list(mnt.iterdir()) == []
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_full_shm_is_a_config_error_naming_the_key_and_leaves_nothing(tiny_tmpfs, monkeypatch):
+    monkeypatch.setenv("PIPELINE_SHM_DIR", str(tiny_tmpfs))
+    with pytest.raises(ConfigError) as err:
+        gradsync.SharedAverage([torch.zeros(1 << 20, requires_grad=True)], 0, 1)
+    assert "'dist.grad_sync'" in str(err.value) and str(tiny_tmpfs) in str(err.value)
+    assert "8 MiB" in str(err.value) and "dist.grad_sync=ddp" in str(err.value)
+    assert list(tiny_tmpfs.iterdir()) == []
 
 
 MAIN_JOB = [
@@ -127,3 +132,21 @@ def test_shm_and_ddp_end_with_the_same_bits(tmp_path):
     for k in params["shm"]:
         assert torch.equal(params["shm"][k], params["ddp"][k]), k
     assert _leftovers() <= before
+
+
+@pytest.mark.slow
+def test_a_full_shm_falls_back_to_ddp_for_auto_and_stops_shm(tmp_path, tiny_tmpfs):
+    """The main job's 26 MiB buffer cannot fit a 1 MiB tmpfs: `auto` says so and trains
+    with DDP; `shm` named is exit 2 before any step; the tmpfs is left empty."""
+    env = sub_env(PIPELINE_SHM_DIR=str(tiny_tmpfs))
+    short = [*MAIN_JOB, "train.max_steps=2"]
+    out = torchrun(2, [*short, f"run.dir={tmp_path / 'auto'}"], env=env)
+    assert "dist.grad_sync=auto uses ddp" in out.stdout + out.stderr
+    assert load_ckpt(tmp_path / "auto")["step"] == 2
+    out = torchrun(
+        2, [*short, f"run.dir={tmp_path / 'named'}", "dist.grad_sync=shm"], env=env, check=False
+    )
+    assert out.returncode != 0
+    assert "error: config key 'dist.grad_sync': shm needs 26 MiB" in out.stdout + out.stderr
+    assert not (tmp_path / "named" / "checkpoints" / "last.pt").exists()
+    assert list(tiny_tmpfs.iterdir()) == []

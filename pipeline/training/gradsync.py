@@ -27,7 +27,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from pipeline import dist
 from pipeline.config import ConfigError
 
-SHM_DIR = "/dev/shm"
+
+def shm_dir() -> str:
+    """Where the shared buffer lives: /dev/shm, or PIPELINE_SHM_DIR (another tmpfs)."""
+    return os.environ.get("PIPELINE_SHM_DIR", "/dev/shm")
 
 
 def choose(requested: str, ctx: dist.DistContext) -> str:
@@ -83,26 +86,30 @@ class SharedAverage:
 
 def _shared_buffer(shape: tuple, rank: int) -> torch.Tensor:
     """A zeroed fp32 tensor that every rank of the group maps: rank 0 creates a file in
-    /dev/shm with all of its pages reserved (a full tmpfs is an error here, not a SIGBUS
+    shm_dir() with all of its pages reserved (a full tmpfs is an error here, not a SIGBUS
     at the first write), every rank maps it, and rank 0 removes the name once all have:
     nothing is left behind, however the job ends."""
     numel = 1
     for s in shape:
         numel *= s
-    path = os.path.join(SHM_DIR, f"pipeline-grads-{uuid.uuid4().hex}") if rank == 0 else None
+    where = shm_dir()
+    path = os.path.join(where, f"pipeline-grads-{uuid.uuid4().hex}") if rank == 0 else None
 
     def create() -> None:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        fd = None
         try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
             os.posix_fallocate(fd, 0, numel * 4)
         except OSError as err:
-            os.unlink(path)
+            if fd is not None:
+                os.unlink(path)
             raise ConfigError(
                 f"config key 'dist.grad_sync': shm needs {numel * 4 / 2**20:.0f} MiB in "
-                f"{SHM_DIR} ({err.strerror}); free some, or use dist.grad_sync=ddp"
+                f"{where} ({err.strerror}); free some, or use dist.grad_sync=ddp"
             ) from None
         finally:
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
 
     dist.on_main(create, ConfigError)
     path = dist.broadcast_object(path)
@@ -114,19 +121,26 @@ def _shared_buffer(shape: tuple, rank: int) -> torch.Tensor:
 
 
 class GradSync:
-    """The step's model (DDP-wrapped or not) and the call that averages after backward."""
+    """The step's model (DDP-wrapped or not) and the call that averages after backward.
+    `dist.grad_sync=auto` falls back to DDP, saying so, where /dev/shm cannot hold the
+    buffer (a container's 64 MiB, say); `shm` asked for by name stops there (exit 2)."""
 
-    def __init__(self, mode: str, model: nn.Module, params: list[torch.Tensor], ctx):
-        self.mode = mode
-        self.average = None
-        if mode == "ddp":
-            self.model = DDP(model)
-        else:
-            self.model = model
-        if mode == "shm":
+    def __init__(self, requested: str, model: nn.Module, params: list[torch.Tensor], ctx, log):
+        self.mode = choose(requested, ctx)
+        self.model, self.average = model, None
+        if self.mode == "shm":
+            try:
+                self.average = SharedAverage(params, ctx.rank, ctx.world_size)
+            except ConfigError as err:  # raised alike on every rank (dist.on_main)
+                if requested != "auto":
+                    raise
+                log(f"warning: {err}; dist.grad_sync=auto uses ddp")
+                self.mode = "ddp"
+        if self.mode == "shm":
             for p in params:  # DDP's start: every rank from rank 0's parameters
                 tdist.broadcast(p.data, src=0)
-            self.average = SharedAverage(params, ctx.rank, ctx.world_size)
+        if self.mode == "ddp":
+            self.model = DDP(model)
 
     def __call__(self) -> None:
         if self.average is not None:

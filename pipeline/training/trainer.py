@@ -132,8 +132,9 @@ class Trainer:
         if self.faults:
             self.faults.after_resume()
         self.perf = Perf(self.model, self.streams, self.amp.mode, ctx)  # FLOPs/token, MFU
-        mode = gradsync.choose(cfg.dist.grad_sync, ctx)
-        self.grad_sync = gradsync.GradSync(mode, self.model, self.params, ctx)  # after loading
+        self.grad_sync = gradsync.GradSync(  # after loading: rank 0's parameters everywhere
+            cfg.dist.grad_sync, self.model, self.params, ctx, self.log
+        )
         self.train_model = self.grad_sync.model  # DDP-wrapped for dist.grad_sync=ddp
         if tcfg.compile:
             self.train_model = torch.compile(self.train_model)
