@@ -9,8 +9,9 @@
   the world size (as DDP divides before its all-reduce), into its slot of one shared buffer;
   one tiny gloo all-reduce serves as the barrier (and keeps `train.dist_timeout` and the
   hang report); and every rank sums the slots in rank order into its own gradients: the
-  same operations on the same numbers, so every rank holds the same bits. Two buffers alternate by step, so a rank that runs ahead never writes a slot
-  another rank is still reading (it must pass the next step's barrier first).
+  same operations on the same numbers, so every rank holds the same bits. Two buffers
+  alternate by step, so a rank that runs ahead never writes a slot another rank is still
+  reading (it must pass the next step's barrier first).
 - `auto`: shm for CPU ranks that are all on one node, else ddp.
 """
 
@@ -75,10 +76,13 @@ class SharedAverage:
                 torch.div(p.grad.reshape(-1), self.world, out=part)
             at += p.numel()
         tdist.all_reduce(self.token)  # the barrier: every slot of this parity is written
-        slots = self.slots[self.parity]
-        torch.add(slots[0], slots[1], out=self.mean)  # rank order, alike on every rank
-        for w in range(2, self.world):  # (a fold of adds: 1.6x faster than torch.sum here)
-            self.mean.add_(slots[w])
+        slots = self.slots[self.parity]  # summed in rank order, alike on every rank
+        if self.world == 1:
+            self.mean.copy_(slots[0])
+        else:  # a fold of adds: 1.6x faster than torch.sum over the slots here
+            torch.add(slots[0], slots[1], out=self.mean)
+            for w in range(2, self.world):
+                self.mean.add_(slots[w])
         for p, view in zip(self.params, self.views):
             p.grad = view
         self.parity ^= 1

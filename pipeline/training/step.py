@@ -3,8 +3,9 @@ benchmarks run alike.
 
 One step: minibatch of this rank's streams -> forward (autocast; dropout masks drawn from
 (seed, step, site, global stream)) -> mean cross-entropy -> backward (DDP all-reduces, i.e.
-averages, the gradients; or, dist.grad_sync=shm, the shared-memory average right after) -> unscale (fp16) -> clip by the global norm of the all-reduced
-gradients (identical on every rank) -> the non-finite guard's skip -> optimizer step.
+averages, the gradients; with dist.grad_sync=shm the shared-memory average follows it) ->
+unscale (fp16) -> clip by the global norm of the all-reduced gradients (identical on every
+rank) -> the non-finite guard's skip -> optimizer step.
 """
 
 from __future__ import annotations
