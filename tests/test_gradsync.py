@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
-from conftest import ROOT, load_ckpt, sub_env, torchrun
+from conftest import ROOT, free_port, load_ckpt, sub_env, torchrun
 
 from pipeline.config import ConfigError
 from pipeline.dist import DistContext
@@ -66,7 +66,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
 def test_three_ranks_hold_the_same_exact_average_step_after_step(tmp_path):
     before = _leftovers()
-    world, port = 3, 29_000 + os.getpid() % 1000
+    world, port = 3, free_port()
     mp.spawn(_worker, args=(world, port, str(tmp_path / "g")), nprocs=world, join=True)
     seen = [torch.load(tmp_path / f"g.{r}") for r in range(world)]
     for step in range(3):
