@@ -35,6 +35,11 @@ its own section; nothing appends.
 <!-- bench.run:throughput_no_native_bf16 -->
 <!-- /bench.run:throughput_no_native_bf16 -->
 
+### Host memory between steps
+
+<!-- bench.run:hostmem -->
+<!-- /bench.run:hostmem -->
+
 ## DDP scaling
 
 ### A CPU with native bf16
@@ -163,12 +168,40 @@ def _ddp(sec: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _hostmem(sec: dict) -> str:
+    names = list(sec["rows"][0]["settings"]) if sec["rows"] else []
+    lines = [
+        _machine(sec),
+        "One process, 1 torch thread, fp32: `python -m pipeline train` with glibc's malloc "
+        "defaults (`PIPELINE_KEEP_FREED_MEMORY=0`) and as it runs by default, freed blocks "
+        "kept mapped (`pipeline/training/hostmem.py`), in alternating runs. tokens/s is the "
+        f"trainer's `perf/tokens_per_s` (median over log intervals of {sec['log_every']} "
+        f"steps, the first dropped; {sec['steps']} steps); faults/step is "
+        "`perf/page_faults_per_step` of the last interval; peak RSS the process' peak "
+        "resident memory (MiB); medians over runs.\n\n",
+        "| model | streams | "
+        + " | ".join(f"{n} tokens/s | faults/step | peak RSS" for n in names)
+        + " | speed-up |",
+        "|---|---:|" + "---:|" * (3 * len(names) + 1),
+    ]
+    for r in sec["rows"]:
+        cells = [
+            f"{m['tokens_per_s']:,.0f} | {m['page_faults_per_step']:,.0f} | {m['peak_rss_mib']:,.0f}"
+            for m in (r["settings"][n] for n in names)
+        ]
+        lines.append(
+            f"| {r['model']} | {r['streams']} | " + " | ".join(cells) + f" | {r['speedup']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 RENDER = {
     "parity": _parity,
     "throughput_native_bf16": _throughput,
     "throughput_no_native_bf16": _throughput,
     "ddp_native_bf16": _ddp,
     "ddp_no_native_bf16": _ddp,
+    "hostmem": _hostmem,
     "throughput_cuda": _throughput,
 }
 

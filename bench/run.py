@@ -41,6 +41,7 @@ from pipeline.data.streams import make_train_streams  # noqa: E402
 from pipeline.model.rnn import build_model, detach_state  # noqa: E402
 from pipeline.tracking.flops import tail_shares, train_flops_per_token  # noqa: E402
 from pipeline.tracking.metrics import TrainAccumulator, read_jsonl  # noqa: E402
+from pipeline.training import hostmem  # noqa: E402
 from pipeline.training.optim import build_optimizer, lr_at  # noqa: E402
 from pipeline.training.precision import Amp, cpu_has_native_bf16  # noqa: E402
 from pipeline.training.step import train_step  # noqa: E402
@@ -324,6 +325,68 @@ def ddp_scaling(args) -> dict:
     return out
 
 
+# ---------------------------------------------------------------- host memory between steps
+
+# name -> (config, overrides, streams): models whose steps free blocks of many MB
+HOSTMEM_MODELS = {
+    "rnn_scratch, whole corpus": (SCRATCH, ["data.max_chars=0"], 32),
+    "lstm (main job)": (MAIN_JOB, [], 16),
+    "songci_cpu": ("configs/songci_cpu.yaml", [], 128),
+}
+HOSTMEM_SETTINGS = {"glibc defaults": "0", "freed memory kept": "1"}  # PIPELINE_KEEP_FREED_MEMORY
+
+
+def _one_process(config, overrides, streams, args, keep: str, run_dir: Path) -> dict:
+    cmd = [sys.executable, *_train_cmd(config, overrides, run_dir, streams, args, "off")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PIPELINE_KEEP_FREED_MEMORY": keep}
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(["timeout", "-k", "10", "900", *cmd], cwd=ROOT, env=env,
+                                stdout=subprocess.DEVNULL, stderr=err, text=True)  # fmt: skip
+        _, status, usage = os.wait4(proc.pid, 0)  # the process' own peak resident memory
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode:
+            err.seek(0)
+            raise RuntimeError(f"{config} failed ({proc.returncode}):\n{err.read()[-3000:]}")
+    events = [e for e in read_jsonl(run_dir / "metrics.jsonl") if "perf/page_faults_per_step" in e]
+    return {
+        "tokens_per_s": _interval_rate(run_dir),
+        "page_faults_per_step": events[-1]["perf/page_faults_per_step"],
+        "peak_rss_mib": usage.ru_maxrss / 1024,
+    }
+
+
+def host_memory(args) -> dict:
+    """One process per run, glibc's defaults against `python -m pipeline`'s (freed blocks
+    kept mapped), alternating; medians over rounds."""
+    out = {"steps": args.ddp_steps, "log_every": args.ddp_log_every, "rows": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for model, (config, overrides, streams) in HOSTMEM_MODELS.items():
+            runs = {name: [] for name in HOSTMEM_SETTINGS}
+            for r in range(args.hostmem_rounds):
+                order = list(HOSTMEM_SETTINGS)[:: 1 if r % 2 == 0 else -1]
+                for name in order:
+                    keep = HOSTMEM_SETTINGS[name]
+                    runs[name].append(
+                        _one_process(config, overrides, streams, args, keep, Path(tmp) / "run")
+                    )
+            med = {
+                name: {k: statistics.median(x[k] for x in v) for k in v[0]}
+                for name, v in runs.items()
+            }
+            kept, glibc = med["freed memory kept"], med["glibc defaults"]
+            out["rows"].append(
+                {
+                    "model": model,
+                    "streams": streams,
+                    "settings": med,
+                    "speedup": kept["tokens_per_s"] / glibc["tokens_per_s"],
+                    "rounds": runs,
+                }
+            )
+            print(f"host memory {model}: " + ", ".join(f"{k} {v}" for k, v in med.items()))
+    return out
+
+
 # ---------------------------------------------------------------- seed parity
 
 
@@ -446,6 +509,7 @@ def main(argv=None) -> int:
     ap.add_argument("--parity", action="store_true", help="only the seed-parity runs")
     ap.add_argument("--compile", action="store_true", help="add torch.compile rows")
     ap.add_argument("--no-ddp", action="store_true")
+    ap.add_argument("--no-hostmem", action="store_true", help="skip the host-memory rows")
     ap.add_argument(
         "--bf16",
         choices=["auto", "yes", "no"],
@@ -463,6 +527,7 @@ def main(argv=None) -> int:
         help="throughput rows only (cuda adds fp16 rows)",
     )
     ap.add_argument("--ddp-rounds", type=int, default=5)
+    ap.add_argument("--hostmem-rounds", type=int, default=3)
     ap.add_argument("--ddp-steps", type=int, default=120)
     ap.add_argument("--ddp-log-every", type=int, default=20)
     ap.add_argument("--parity-epochs", type=int, default=250)
@@ -475,6 +540,7 @@ def main(argv=None) -> int:
     ap.add_argument("--results", help="default bench/results.json (--quick: bench/out/)")
     ap.add_argument("--docs", help="default docs/benchmarks.md (--quick: bench/out/)")
     args = ap.parse_args(argv)
+    hostmem.keep_freed_memory()  # as `python -m pipeline` does for the whole process
     bf16 = args.bf16 == "yes" or (
         args.bf16 == "auto" and (args.device == "cuda" or cpu_has_native_bf16())
     )
@@ -484,6 +550,7 @@ def main(argv=None) -> int:
     if args.quick:
         args.rounds, args.steps, args.warmup = 2, 1, 1
         args.ddp_rounds, args.ddp_steps, args.ddp_log_every = 1, 4, 2
+        args.hostmem_rounds = 1
         args.parity_epochs = 2
     out = ROOT / "bench" / "out"  # a smoke run never overwrites the recorded numbers
     args.results = args.results or str(out / "results_quick.json" if args.quick else RESULTS)
@@ -507,6 +574,8 @@ def main(argv=None) -> int:
         results[key] = {**section, **throughput(args)}
         if not args.no_ddp:
             results[f"ddp_{kind}"] = {**section, **ddp_scaling(args)}
+        if not args.no_hostmem and args.device == "cpu":
+            results["hostmem"] = {**section, **host_memory(args)}
     results_path.parent.mkdir(parents=True, exist_ok=True)
     results_path.write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
     report.write_docs(results, Path(args.docs))

@@ -279,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
 def entry() -> None:
     """`python -m pipeline` and the `lyrics-rnn` console script: a traceback for a bug, then
     an exit that survives gloo's teardown (pipeline.dist.leave)."""
+    from pipeline.training.hostmem import keep_freed_memory
+
+    keep_freed_memory()  # the whole process: steps reuse the host memory they free
     try:
         code = main()
     except Exception:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 import time
 from pathlib import Path
 
@@ -28,6 +29,7 @@ class TrainAccumulator:
         self.tokens = 0
         self.steps = 0
         self.t0 = time.perf_counter()
+        self.faults0 = minor_faults()
 
     def add(self, loss: torch.Tensor, tokens: int, norm: torch.Tensor, clip: float) -> None:
         finite = torch.isfinite(norm)
@@ -48,7 +50,9 @@ class TrainAccumulator:
         """Collective: every rank calls it at the same step. The norm and the skip are the
         same on every rank (clipping sees the all-reduced gradients), so their sums are
         divided by the world size."""
-        loss_tok, kept, norm, clipped, skipped = dist.all_reduce_sum(self.sums).tolist()
+        faults = torch.tensor([minor_faults() - self.faults0], dtype=torch.float64)
+        sums = torch.cat([self.sums, faults.to(self.sums.device)])
+        loss_tok, kept, norm, clipped, skipped, faults = dist.all_reduce_sum(sums).tolist()
         tokens, steps = self.tokens * world_size, self.steps
         norm, clipped, skipped = norm / world_size, clipped / world_size, skipped / world_size
         elapsed = time.perf_counter() - self.t0
@@ -61,12 +65,20 @@ class TrainAccumulator:
             "opt/clipped": clipped / max(steps, 1),
             "opt/nonfinite_steps": skipped,
             "perf/tokens_per_s": tokens / max(elapsed, 1e-9),
+            "perf/page_faults_per_step": faults / world_size / max(steps, 1),
             "_tokens": tokens,
         }
         self.tokens = self.steps = 0
         self.sums.zero_()
         self.t0 = time.perf_counter()
+        self.faults0 = minor_faults()
         return out
+
+
+def minor_faults() -> int:
+    """This process' page faults served without disk so far (each a zeroed page handed out:
+    host memory taken back from the kernel; pipeline.training.hostmem)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 class JsonlSink:

@@ -9,4 +9,5 @@ precision.py  autocast and the GradScaler; autoamp.py: train.amp=auto by measuri
 budget.py     the time budget; stopper.py: signals, time limits, the stop check
 nonfinite.py  the non-finite guard; saver.py: when a checkpoint is written
 gradsync.py   dist.grad_sync: DDP, or the shared-memory average of CPU ranks on one node
+hostmem.py    the process keeps the host memory a step frees (no page faults a step)
 """
