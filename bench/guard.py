@@ -7,7 +7,8 @@ skip) against the step before the guard (foreach optimizer, no check), side by s
 
 Rows: the chapter's from-scratch RNN (configs/seed_scratch_consecutive.yaml: SGD, hidden 256,
 batch 32 x 35), nn.LSTM at the chapter's size (configs/seed_concise.yaml with Adam), and the
-main job's 2-layer LSTM (configs/jaychou.yaml, AdamW); fp32 and bf16; the variants alternate
+main job's 2-layer LSTM (configs/jaychou.yaml, AdamW); fp32, and bf16 where the CPU has it
+natively; the variants alternate
 in rounds (bench.step_probe.time_steps), medians.
 """
 
@@ -37,20 +38,31 @@ NOTE = """"Before" is the step as it was before the guard (foreach optimizer, no
 is the trainer's step (fused optimizer kernels that take the guard's device-side skip as
 `found_inf`, the carried state kept on a skip). The guard adds about ten tiny device ops a
 step; the target is at most +3% for the rnn_scratch and LSTM steps. Milliseconds are medians
-over rounds and move with the machine's load; the cost is taken pair by pair within a round."""
+over rounds and move with the machine's load; the cost is taken pair by pair within a round.
+A CPU without native bf16 gets fp32 rows only; the last bf16 rows, from the native-bf16 AMD
+EPYC (2026-12-02): `git show 480b3a2:docs/benchmarks.md`, "Non-finite guard"."""
+
+
+def precisions() -> tuple[str, ...]:
+    """bf16 only where the CPU has it natively: elsewhere it is emulated (about 50x slower)
+    and oneDNN has no bf16 LSTM, so `make bench` would stop here."""
+    from pipeline.training.precision import cpu_has_native_bf16
+
+    return ("off", "bf16") if cpu_has_native_bf16() else ("off",)
 
 
 def measure(rounds: int, steps: int) -> list[str]:
     runs = {}
+    amps = precisions()
     for name, (cfg, overrides, vocab) in ROWS.items():
-        for amp in ("off", "bf16"):
+        for amp in amps:
             runs[(name, amp, "before")] = (*setup(str(ROOT / cfg), overrides, amp, vocab, False), Noise)  # fmt: skip
             guard = NonFiniteGuard(10, torch.device("cpu"))
             runs[(name, amp, "guarded")] = (*setup(str(ROOT / cfg), overrides, amp, vocab), Noise, guard)  # fmt: skip
     times = time_steps(runs, rounds, steps)
     rows = ["| step | amp | before (ms) | guarded (ms) | cost |", "|---|---|---:|---:|---:|"]
     for name in ROWS:
-        for amp in ("off", "bf16"):
+        for amp in amps:
             before, after = (times[(name, amp, k)] for k in ("before", "guarded"))
             ratio = statistics.median(a / b for a, b in zip(after, before))  # pair by pair
             b_ms, a_ms = statistics.median(before) * 1e3, statistics.median(after) * 1e3

@@ -1,20 +1,22 @@
 """Host memory that a training step frees and takes back: keep it mapped between steps.
 
-glibc's malloc hands a large block (the logits and their gradient, 11.7 MB a minibatch for
-`rnn_scratch` on the whole Jay Chou corpus, 108 MB for songci_cpu) back to the kernel when it
-is freed at the end of a step: from the top of the heap once more than its trim threshold
-(twice the last large block) lies free there, or with munmap for a block past its mmap
-threshold. The next step asks for the same block again and the kernel hands out zeroed pages
-one fault at a time: 1,960 page faults a step for that `rnn_scratch` (9% of its time),
-29,700 for songci_cpu (10%), and steps that vary by a few milliseconds from one to the next,
-which is what a rank waits for at every gradient average. Raising both thresholds keeps the
-block mapped and reused: no faults after the first step.
+glibc's malloc hands a large freed block back to the kernel: past its mmap threshold with
+munmap, below it from the top of the heap once more than its trim threshold lies free there
+(both follow the largest block freed so far, up to 32 MiB). A training step frees its largest
+blocks (the logits and their gradient: 11.7 MB for `rnn_scratch` on the whole Jay Chou
+corpus, 108 MB for songci_cpu) at its end and asks for them again at the next step's start,
+and the kernel hands them out one zeroed page at a time: about 1,700 page faults a step for
+that `rnn_scratch`, 14,500 for songci_cpu (6.5% of its time here), 45,700 where the blocks
+are past 32 MiB (47 MB logits: 1.38x faster without them). Setting both thresholds keeps the
+blocks mapped and reused: no faults once the heap has grown (docs/benchmarks.md, "Host
+memory between steps").
 
 Only with glibc (other C libraries, or a malloc loaded with LD_PRELOAD, are left alone), not
 where the user tuned glibc's malloc already (GLIBC_TUNABLES or MALLOC_*_ variables), and not
 with PIPELINE_KEEP_FREED_MEMORY=0 (glibc's defaults: `make bench` compares both). The cost:
-memory a step freed stays in the process (the peak it reached anyway), up to TRIM_MB more
-before any goes back.
+memory a step freed stays in the process (up to TRIM_MB free at the heap's top), and the peak
+can rise where freed blocks do not fit the holes the next step leaves (songci_cpu: 733 ->
+770 MiB).
 """
 
 from __future__ import annotations
