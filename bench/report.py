@@ -207,13 +207,20 @@ RENDER = {
 
 
 def write_docs(results: dict, path: Path) -> None:
+    """Replace each marked table that `results` holds. A page without a table's markers is
+    an error naming them (nothing is appended at the page's end: add the pair where the table
+    belongs, as in SKELETON); the results stay in their JSON file either way."""
     text = path.read_text(encoding="utf-8") if path.exists() else SKELETON
     for name, render in RENDER.items():
         if name not in results:
             continue
         begin, end = f"<!-- bench.run:{name} -->", f"<!-- /bench.run:{name} -->"
-        if begin not in text:
-            text += f"\n{begin}\n{end}\n"
+        if begin not in text or end not in text:
+            raise SystemExit(
+                f"{path}: no '{begin}' ... '{end}' pair for the {name} table; add it where "
+                "the table belongs (bench/report.py's SKELETON shows where) and rerun "
+                "python -m bench.report, or make bench"
+            )
         body = render(results[name])
         block = f"{begin}\n{body}{end}"
         text = re.sub(
@@ -276,3 +283,17 @@ def replace_section(path: Path, head: str, block: str, parent: str | None = None
             lines[at:at] = ([""] if lines[at - 1].strip() else []) + new + [""]
     text = "\n".join(lines)
     path.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
+
+
+def main() -> int:
+    """Render bench/results.json into docs/benchmarks.md again (no benchmark runs)."""
+    import json
+
+    root = Path(__file__).resolve().parents[1]
+    results = json.loads((root / "bench" / "results.json").read_text(encoding="utf-8"))
+    write_docs(results, root / "docs" / "benchmarks.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
