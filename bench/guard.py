@@ -26,6 +26,7 @@ from bench.report import replace_section
 from bench.step_probe import setup, time_steps
 from pipeline.model.noise import Noise
 from pipeline.training.nonfinite import NonFiniteGuard
+from pipeline.training.precision import cpu_has_native_bf16
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = {
@@ -46,8 +47,6 @@ EPYC (2026-12-02): `git show 480b3a2:docs/benchmarks.md`, "Non-finite guard"."""
 def precisions() -> tuple[str, ...]:
     """bf16 only where the CPU has it natively: elsewhere it is emulated (about 50x slower)
     and oneDNN has no bf16 LSTM, so `make bench` would stop here."""
-    from pipeline.training.precision import cpu_has_native_bf16
-
     return ("off", "bf16") if cpu_has_native_bf16() else ("off",)
 
 

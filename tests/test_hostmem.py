@@ -33,6 +33,7 @@ SCRATCH_WHOLE_CORPUS = [
     "train.eval_every=0",
     "train.checkpoint_every=0",
     "train.threads=1",
+    "train.device=cpu",  # host memory: on a CUDA machine the logits would live on the GPU
     "train.amp=off",
     "train.resume=never",
     "generate.prefixes=[]",
